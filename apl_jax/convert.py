@@ -1,0 +1,64 @@
+"""Weight layouts: PyTorch state dicts <-> Flax param trees, without torch.
+
+PyTorch -> Flax reuses diffusers' own renaming rules, fed with the *shapes* of the
+expected Flax params (jax.eval_shape), so nothing is initialised just to learn
+names. Flax -> PyTorch is their inverse, so our models can be written as
+PyTorch-compatible safetensors and loaded back (and by diffusers' PyTorch side).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import numpy as np
+from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+# Flax names list elements "<list>_<i>" where PyTorch's ModuleLists say "<list>.<i>".
+# Other "_<digit>" names (linear_1, conv_1...) are real attribute names in both.
+_LIST_SEGMENT = re.compile(r"^(down_blocks|up_blocks|resnets|attentions|transformer_blocks|downsamplers|upsamplers|net|to_out)_(\d+)$")
+# diffusers' Flax VAE attention uses the old attribute names; PyTorch now uses to_q/...
+_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def flax_to_pt(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A Flax param tree -> a PyTorch-named state dict of numpy arrays."""
+    state = {}
+    for path, value in flatten_dict(params).items():
+        value = np.asarray(value, dtype=np.float32)
+        *modules, leaf = path
+        names = []
+        for segment in modules:
+            match = _LIST_SEGMENT.match(segment)
+            names.append(f"{match[1]}.{match[2]}" if match else _VAE_ATTENTION.get(segment, segment))
+        if leaf == "kernel":
+            value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+            leaf = "weight"
+        elif leaf in ("scale", "embedding"):
+            leaf = "weight"
+        state[".".join(names + [leaf])] = np.ascontiguousarray(value)
+    return state
+
+
+def pt_to_flax(state: Mapping[str, np.ndarray], expected: Mapping[str, Any]) -> dict[str, Any]:
+    """A PyTorch-named state dict -> a Flax tree, named after `expected` (a tree of shapes)."""
+    expected_flat = flatten_dict(expected)
+    flat = {}
+    for pt_key, value in state.items():
+        key, value = rename_key_and_reshape_tensor(tuple(rename_key(pt_key).split(".")), np.asarray(value), expected_flat)
+        flat[key] = value
+    return unflatten_dict(flat)
+
+
+def shape_mismatches(params: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between a param tree and the shapes a config implies."""
+    got, want = flatten_dict(params, sep="/"), flatten_dict(expected, sep="/")
+    problems = [f"missing {k}" for k in want if k not in got]
+    problems += [f"unexpected {k}" for k in got if k not in want]
+    problems += [
+        f"{k} has shape {tuple(np.shape(got[k]))}, config expects {tuple(want[k].shape)}"
+        for k in want
+        if k in got and tuple(np.shape(got[k])) != tuple(want[k].shape)
+    ]
+    return problems

@@ -1,0 +1,283 @@
+"""FrozenSD: the frozen Stable Diffusion parts APL trains against.
+
+Modules (code) and params (arrays) are kept apart: the modules are static and the
+params travel as one pytree argument, so they can be replicated once and passed
+into compiled steps instead of being captured by closures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+from diffusers import FlaxAutoencoderKL, FlaxDDPMScheduler, FlaxUNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
+from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule
+
+from apl_jax import convert
+from apl_jax.errors import UserError
+from apl_jax.tokenizer import MAX_LENGTH, load_tokenizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+# (flax weights, PyTorch weights) file names per component, as diffusers/transformers write them
+WEIGHT_FILES = {
+    "text_encoder": ("flax_model.msgpack", "model.safetensors"),
+    "unet": ("diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors"),
+    "vae": ("diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors"),
+}
+PT_CLASS_NAMES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenSD:
+    tokenizer: CLIPTokenizer
+    text_config: CLIPTextConfig
+    unet: FlaxUNet2DConditionModel
+    vae: FlaxAutoencoderKL
+    scheduler: FlaxDDPMScheduler
+    # {"text_encoder", "unet", "vae", "scheduler"}: the only arrays; pass them as arguments
+    params: dict[str, Any]
+    dtype: Any = jnp.float32
+
+    @property
+    def text_width(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_config.vocab_size
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_scaling(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def text_module(self, extra_tokens: int = 0) -> FlaxCLIPTextModule:
+        """The CLIP text transformer; `extra_tokens` rows appended to its token table.
+
+        Flax checks param shapes against the module's config, so the appended-prefix
+        trick needs a module whose vocab_size counts the extra rows.
+        """
+        config = self.text_config
+        if extra_tokens:
+            config = CLIPTextConfig.from_dict({**config.to_dict(), "vocab_size": config.vocab_size + extra_tokens})
+        return FlaxCLIPTextModule(config=config, dtype=self.dtype)
+
+    def encode_text(self, text_params, ids: jax.Array, extra_embeddings: jax.Array | None = None) -> jax.Array:
+        """Final hidden states (after the final layer norm), the UNet's context.
+
+        `extra_embeddings` [K, D] become token ids V..V+K-1. Never read the pooled
+        output of such an encoding: it finds EOS by argmax(ids).
+        """
+        extra = 0 if extra_embeddings is None else extra_embeddings.shape[0]
+        if extra:
+            embed = text_params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+            table = jnp.concatenate([embed, extra_embeddings.astype(embed.dtype)], axis=0)
+            text_params = _replace_token_table(text_params, table)
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[-1]), ids.shape)
+        out = self.text_module(extra).apply({"params": text_params}, ids, jnp.ones_like(ids), positions)
+        return out[0]
+
+    def predict_noise(self, unet_params, latents: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
+        return self.unet.apply({"params": unet_params}, latents, timesteps, context).sample
+
+    def save(self, folder: str | Path, weights: str = "flax") -> None:
+        save_model(self, folder, weights)
+
+
+def _replace_token_table(text_params, table):
+    embeddings = {**text_params["text_model"]["embeddings"], "token_embedding": {"embedding": table}}
+    return {**text_params, "text_model": {**text_params["text_model"], "embeddings": embeddings}}
+
+
+def _cast(params, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def _text_init_shapes(module: FlaxCLIPTextModule):
+    ids = jnp.zeros((1, MAX_LENGTH), jnp.int32)
+    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, ids, ids)["params"])
+
+
+def _assemble(tokenizer, text_config, unet, vae, scheduler_config, params, dtype_name) -> FrozenSD:
+    dtype = DTYPES[dtype_name]
+    scheduler = FlaxDDPMScheduler.from_config(scheduler_config)
+    params = {
+        "text_encoder": _cast(params["text_encoder"], dtype),
+        "unet": _cast(params["unet"], dtype),
+        "vae": _cast(params["vae"], dtype),
+        "scheduler": scheduler.create_state(),
+    }
+    return FrozenSD(tokenizer, text_config, unet, vae, scheduler, params, dtype)
+
+
+# ---------------------------------------------------------------- presets
+
+SD1_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+@functools.lru_cache(maxsize=2)
+def tiny_random(dtype: str = "float32") -> FrozenSD:
+    """A deterministic, randomly initialised, SD-1.x-shaped model for tests (32 px images)."""
+    text_config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu", projection_dim=32,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+    unet = FlaxUNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8, cross_attention_dim=32, dtype=DTYPES[dtype],
+    )
+    vae = FlaxAutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=8, sample_size=32, dtype=DTYPES[dtype],
+    )
+    text_module = FlaxCLIPTextModule(config=text_config)
+    ids = jnp.zeros((1, MAX_LENGTH), jnp.int32)
+    # Diffusers' init_weights takes ~a minute un-jitted even for tiny models; jitted, well under a second.
+    init = jax.jit(
+        lambda key: {
+            "text_encoder": text_module.init(jax.random.fold_in(key, 0), ids, ids, ids)["params"],
+            "unet": unet.init_weights(jax.random.fold_in(key, 1)),
+            "vae": vae.init_weights(jax.random.fold_in(key, 2)),
+        }
+    )
+    params = init(jax.random.PRNGKey(0))
+    return _assemble(load_tokenizer(), text_config, unet, vae, SD1_SCHEDULER, params, dtype)
+
+
+PRESETS = {"tiny-random": tiny_random}
+
+
+# ---------------------------------------------------------------- loading
+
+def _read_weights(folder: Path, component: str, expected) -> dict[str, Any]:
+    sub = folder / component
+    flax_name, pt_name = WEIGHT_FILES[component]
+    if (sub / flax_name).is_file():
+        try:
+            params = flax.serialization.msgpack_restore((sub / flax_name).read_bytes())
+        except ValueError as err:
+            raise UserError(f"{sub / flax_name} is not a readable Flax msgpack file: {err}") from None
+    elif (sub / pt_name).is_file():
+        try:
+            state = safetensors.numpy.load_file(sub / pt_name)
+        except (OSError, safetensors.SafetensorError) as err:
+            raise UserError(f"{sub / pt_name} is not a readable safetensors file: {err}") from None
+        if component == "text_encoder":
+            # transformers' own PyTorch->Flax path; it reads safetensors without torch.
+            # (Its from_pt needs _do_init=True: it names the converted weights after random ones.)
+            try:
+                params = FlaxCLIPTextModel.from_pretrained(sub, from_pt=True, local_files_only=True).params
+            except ValueError as err:
+                raise UserError(f"weights in {sub} do not match its config.json: {err}") from None
+        else:
+            params = convert.pt_to_flax(state, expected)
+    else:
+        raise UserError(f"{sub} has no weights: expected {flax_name} (Flax) or {pt_name} (PyTorch safetensors)")
+    problems = convert.shape_mismatches(params, expected)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"weights in {sub} do not match its config.json: {problems[0]}{more}")
+    return params
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path.parent} has no {path.name}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON: {err}") from None
+
+
+def load_model(path: str | Path, dtype: str = "float32") -> FrozenSD:
+    """A preset name, or a diffusers-format Stable Diffusion folder (Flax or PyTorch safetensors weights)."""
+    if dtype not in DTYPES:
+        raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if str(path) in PRESETS:
+        return PRESETS[str(path)](dtype)
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"model folder {folder} does not exist (and {path!r} is not a preset: {', '.join(PRESETS)})")
+    for sub in SUBFOLDERS:
+        if not (folder / sub).is_dir():
+            raise UserError(f"model folder {folder} has no {sub}/ subfolder (a diffusers SD folder has {', '.join(SUBFOLDERS)})")
+    for name in ("vocab.json", "merges.txt"):
+        if not (folder / "tokenizer" / name).is_file():
+            raise UserError(f"{folder / 'tokenizer'} has no {name}")
+
+    text_config = CLIPTextConfig.from_dict(_read_config(folder / "text_encoder" / "config.json"))
+    unet = FlaxUNet2DConditionModel.from_config(_read_config(folder / "unet" / "config.json"), dtype=DTYPES[dtype])
+    vae = FlaxAutoencoderKL.from_config(_read_config(folder / "vae" / "config.json"), dtype=DTYPES[dtype])
+    key = jax.random.PRNGKey(0)
+    params = {
+        "text_encoder": _read_weights(folder, "text_encoder", _text_init_shapes(FlaxCLIPTextModule(text_config))),
+        "unet": _read_weights(folder, "unet", jax.eval_shape(unet.init_weights, key)),
+        "vae": _read_weights(folder, "vae", jax.eval_shape(vae.init_weights, key)),
+    }
+    scheduler_config = _read_config(folder / "scheduler" / "scheduler_config.json")
+    return _assemble(load_tokenizer(folder / "tokenizer"), text_config, unet, vae, scheduler_config, params, dtype)
+
+
+# ---------------------------------------------------------------- saving
+
+def save_model(model: FrozenSD, folder: str | Path, weights: str = "flax") -> None:
+    """Write a diffusers-format folder; weights "flax" (msgpack) or "pt" (PyTorch-named safetensors)."""
+    if weights not in ("flax", "pt"):
+        raise UserError(f"weights must be 'flax' or 'pt', got {weights!r}")
+    folder = Path(folder)
+    model.tokenizer.save_pretrained(folder / "tokenizer")
+    model.text_config.save_pretrained(folder / "text_encoder")
+    model.scheduler.save_config(folder / "scheduler")
+    components = {"text_encoder": None, "unet": model.unet, "vae": model.vae}
+    for name, module in components.items():
+        sub = folder / name
+        params = _cast(model.params[name], jnp.float32)
+        if module is not None:
+            module.save_config(sub)
+            if weights == "pt":  # so diffusers' PyTorch classes can read the config too
+                config = json.loads((sub / "config.json").read_text())
+                config["_class_name"] = PT_CLASS_NAMES[name]
+                (sub / "config.json").write_text(json.dumps(config, indent=2))
+        flax_name, pt_name = WEIGHT_FILES[name]
+        if weights == "flax":
+            (sub / flax_name).write_bytes(flax.serialization.to_bytes(jax.device_get(params)))
+        else:
+            safetensors.numpy.save_file(convert.flax_to_pt(jax.device_get(params)), sub / pt_name, metadata={"format": "pt"})
+    prefix = "" if weights == "pt" else "Flax"
+    index = {
+        "_class_name": f"{prefix}StableDiffusionPipeline",
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder": ["transformers", f"{'' if weights == 'pt' else 'Flax'}CLIPTextModel"],
+        "unet": ["diffusers", f"{prefix}UNet2DConditionModel"],
+        "vae": ["diffusers", f"{prefix}AutoencoderKL"],
+        "scheduler": ["diffusers", f"{prefix}DDPMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,65 @@
+"""The APL loss for one batch (DESIGN.md section 1). Pure; knows nothing about devices.
+
+batch:
+  pixels       uint8 [B, H, W, 3]   images (uint8 keeps host->device transfers small)
+  private_ids  int32 [B, 77]        "alz ..." prompts, placeholder included
+  neutral_ids  int32 [B, 77]        the neutral prompts
+keys: one PRNG key per example, so an example's noise does not depend on which
+device (or how many) it lands on.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from apl_jax.models import FrozenSD
+from apl_jax.prefix import encode_with_prefix
+
+
+def latents_from_pixels(model: FrozenSD, vae_params, pixels: jax.Array, posterior_noise: jax.Array) -> jax.Array:
+    """z0 = posterior sample x scaling factor, NCHW as the UNet wants it.
+
+    `posterior_noise` is channels-last [B, h, w, C], like diffusers' Flax posterior.
+    """
+    images = pixels.astype(jnp.float32) / 127.5 - 1.0
+    images = jnp.transpose(images, (0, 3, 1, 2)).astype(model.dtype)  # the VAE takes NCHW
+    posterior = model.vae.apply({"params": vae_params}, images, method=model.vae.encode).latent_dist
+    z0 = posterior.mean + posterior.std * posterior_noise.astype(posterior.mean.dtype)
+    return jnp.transpose(z0, (0, 3, 1, 2)).astype(jnp.float32) * model.latent_scaling
+
+
+def apl_loss(prefix, frozen, batch, keys, *, model: FrozenSD, placeholder_id: int, negative_guidance: float):
+    """mean((e_p - (e_n - eta * (sg(e_p) - e_n)))^2); only `prefix` gets gradients.
+
+    `model` supplies the modules only; every array comes in through `frozen`.
+    """
+    height, width = batch["pixels"].shape[1:3]
+    factor = model.vae_scale_factor
+    latent_hw_c = (height // factor, width // factor, model.vae.config.latent_channels)
+    num_timesteps = model.scheduler.config.num_train_timesteps
+
+    def draw(key):
+        k_post, k_t, k_eps = jax.random.split(key, 3)
+        # Uniform over 0..T-1, as the official DDIM-bin-then-offset draw is overall.
+        t = jax.random.randint(k_t, (), 0, num_timesteps)
+        return jax.random.normal(k_post, latent_hw_c), t, jax.random.normal(k_eps, latent_hw_c)
+
+    posterior_noise, t, eps = jax.vmap(draw)(keys)
+    z0 = latents_from_pixels(model, frozen["vae"], batch["pixels"], posterior_noise)
+    eps = jnp.transpose(eps, (0, 3, 1, 2))
+    z_t = model.scheduler.add_noise(frozen["scheduler"], z0, eps, t)
+
+    context_neutral = jax.lax.stop_gradient(model.encode_text(frozen["text_encoder"], batch["neutral_ids"]))
+    context_private = encode_with_prefix(model, frozen["text_encoder"], prefix, batch["private_ids"], placeholder_id)
+    # One UNet call on the doubled batch instead of two (the official third pass equals e_p).
+    both = model.predict_noise(
+        frozen["unet"],
+        jnp.concatenate([z_t, z_t]).astype(model.dtype),
+        jnp.concatenate([t, t]),
+        jnp.concatenate([context_neutral, context_private]),
+    ).astype(jnp.float32)
+    e_neutral, e_private = jnp.split(both, 2)
+    e_neutral = jax.lax.stop_gradient(e_neutral)
+    target = e_neutral - negative_guidance * (jax.lax.stop_gradient(e_private) - e_neutral)
+    return jnp.mean((e_private - target) ** 2)

@@ -1,0 +1,169 @@
+"""The APL training loop: config -> model + data -> pmapped step -> checkpoints -> prefix file."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from apl_jax import objective, parallel
+from apl_jax.checkpoint import Checkpointer
+from apl_jax.config import Config, TrainConfig
+from apl_jax.data.prompts import Templates
+from apl_jax.data.synthetic import SyntheticExamples
+from apl_jax.errors import UserError
+from apl_jax.export import save_diffusers_prefix
+from apl_jax.metrics import MetricsLog
+from apl_jax.models import FrozenSD, load_model
+from apl_jax.prefix import init_prefix, single_token_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int  # the step training stopped at
+    interrupted: bool  # stopped by SIGTERM/SIGINT (checkpoint saved, no prefix export)
+    prefix_file: Path | None  # DIR/prefix.safetensors, on process 0 of a finished run
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    optimizer = optax.adam(config.learning_rate)
+    if config.grad_accum_steps > 1:
+        optimizer = optax.MultiSteps(optimizer, every_k_schedule=config.grad_accum_steps)
+    return optimizer
+
+
+def make_examples(config: Config, model: FrozenSD):
+    if config.data.source != "synthetic":
+        raise UserError(f"data.source must be 'synthetic' (the only source so far), got {config.data.source!r}")
+    if config.data.resolution % model.vae_scale_factor:
+        raise UserError(f"data.resolution={config.data.resolution} is not divisible by the VAE factor {model.vae_scale_factor}")
+    return SyntheticExamples(
+        model.tokenizer, config.prefix.placeholder, Templates.load(config.data.templates),
+        resolution=config.data.resolution, identity_prob=config.data.identity_prob,
+        num_names=config.data.synthetic_names, num_captions=config.data.synthetic_captions, seed=config.train.seed,
+    )
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step, so it can save first."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def requested(self) -> bool:
+        stop = self.received is not None
+        if jax.process_count() > 1:  # every host must stop at the same step
+            stop = bool(multihost_utils.process_allgather(np.int32(stop)).any())
+        return stop
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def initial_state(config: Config, model: FrozenSD, optimizer) -> dict:
+    rng = jax.random.PRNGKey(config.train.seed)
+    prefix = init_prefix(model, config.prefix.num_vectors, jax.random.fold_in(rng, 1), config.prefix.init_word)
+    state = {"params": prefix, "opt_state": optimizer.init(prefix), "step": np.int32(0), "rng": rng}
+    return jax.device_get(state)
+
+
+def train(config: Config, workdir: str | Path) -> TrainResult:
+    parallel.initialize_distributed(config.parallel)
+    workdir = Path(workdir)
+    is_main = jax.process_index() == 0
+    per_device = parallel.per_device_batch(config.train.batch_size)
+    first_example, host_count = parallel.host_example_range(config.train.batch_size)
+
+    model = load_model(config.model.path, config.model.dtype)
+    placeholder_id = single_token_id(model, config.prefix.placeholder)
+    examples = make_examples(config, model)
+    optimizer = make_optimizer(config.train)
+    state = initial_state(config, model, optimizer)
+
+    checkpointer = None
+    resumed = None
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints, config.to_dict())
+        resumed = checkpointer.restore(state)
+        if resumed is not None:
+            state = resumed[0]
+    if jax.process_count() > 1:
+        state = multihost_utils.broadcast_one_to_all(state)
+    start_step = int(state["step"])
+    if start_step:
+        log.info("resumed from step %d", start_step)
+
+    loss_fn = functools.partial(
+        objective.apl_loss,
+        model=dataclasses.replace(model, params=None),  # modules only: arrays come in as arguments
+        placeholder_id=placeholder_id,
+        negative_guidance=config.train.negative_guidance,
+    )
+    update_fn = parallel.make_update_fn(loss_fn, optimizer)
+    frozen = parallel.replicate(model.params)
+    device_state = parallel.replicate(state)
+
+    def host_batch(step: int):
+        return parallel.shard(examples.batch(step * config.train.batch_size + first_example, host_count))
+
+    metrics_log = MetricsLog(workdir, start_step) if is_main else None
+    interrupted = False
+    if start_step < config.train.steps:
+        step_fn = parallel.compile_step(update_fn, device_state, frozen, host_batch(start_step))
+        device_state, interrupted = _loop(config, step_fn, device_state, frozen, host_batch, checkpointer, metrics_log)
+        state = parallel.unreplicate(device_state)
+    result = TrainResult(step=int(state["step"]), interrupted=interrupted, prefix_file=None)
+    if is_main:
+        if not interrupted:
+            result.prefix_file = save_diffusers_prefix(workdir / "prefix.safetensors", state["params"], config.prefix.placeholder)
+        if metrics_log.records:
+            metrics_log.plot()
+        checkpointer.close()
+    return result
+
+
+def _loop(config, step_fn, device_state, frozen, host_batch, checkpointer, metrics_log):
+    """Run steps until train.steps or a stop signal; returns (device state, interrupted)."""
+    is_main = checkpointer is not None
+    step = int(parallel.unreplicate(device_state["step"]))
+    stop = StopSignal()
+    interrupted = False
+    bar = tqdm(total=config.train.steps, initial=step, desc="APL", unit="step", disable=not is_main, dynamic_ncols=True)
+    tic, tic_step = time.perf_counter(), step
+    try:
+        while step < config.train.steps and not interrupted:
+            device_state, metrics = step_fn(device_state, frozen, host_batch(step))
+            step += 1
+            bar.update(1)
+            if is_main and (step % config.train.log_every == 0 or step == config.train.steps):
+                loss = float(metrics["loss"][0])  # the only host sync, once per logged step
+                rate = (step - tic_step) / (time.perf_counter() - tic)
+                tic, tic_step = time.perf_counter(), step
+                metrics_log.log({"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"][0]), "steps_per_s": rate})
+                bar.set_postfix(loss=f"{loss:.4g}", steps_s=f"{rate:.2f}")
+            interrupted = stop.requested()
+            if is_main and (interrupted or step % config.train.checkpoint_every == 0 or step == config.train.steps):
+                checkpointer.save(parallel.unreplicate(device_state), {"next_example": step * config.train.batch_size})
+        if interrupted:
+            tqdm.write(f"stopped by signal at step {step}; checkpoint saved. Rerun the same command to resume.")
+    finally:
+        bar.close()
+        stop.restore()
+    return device_state, interrupted
