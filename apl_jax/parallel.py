@@ -56,43 +56,53 @@ def per_device_batch(global_batch: int) -> int:
     return global_batch // devices
 
 
-def host_example_range(global_batch: int) -> tuple[int, int]:
-    """[first, count) of this host's examples within each global batch, in device order."""
-    count = per_device_batch(global_batch) * jax.local_device_count()
-    return jax.process_index() * count, count
-
-
-def _local_sharding() -> jax.sharding.NamedSharding:
-    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
+def _sharding() -> jax.sharding.NamedSharding:
+    """Leading axis over all devices (every process), in pmap's device order."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), (AXIS,))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
 
 
-def replicate(tree: Any) -> Any:
-    """Copy a pytree to every local device, once, as pmap's [devices, ...] arrays.
+def _local_positions() -> list[int]:
+    """Where this process's devices sit along the global device axis."""
+    me = jax.process_index()
+    return [i for i, d in enumerate(jax.devices()) if d.process_index == me]
 
-    Each device gets its own copy straight from the source: no host-side stack of
+
+def host_example_range(global_batch: int) -> tuple[int, int]:
+    """(first, count) of this host's examples within each global batch, in device order."""
+    positions = _local_positions()
+    if positions != list(range(positions[0], positions[0] + len(positions))):
+        raise RuntimeError(f"process {jax.process_index()} owns non-contiguous device positions {positions}")
+    per_device = per_device_batch(global_batch)
+    return positions[0] * per_device, len(positions) * per_device
+
+
+def _global_array(local_rows: list[np.ndarray]) -> jax.Array:
+    """One [1, ...] row per local device -> a global [devices, ...] array, no host-side copies."""
+    devices = [jax.devices()[i] for i in _local_positions()]
+    shards = [jax.device_put(row, d) for row, d in zip(local_rows, devices)]
+    return jax.make_array_from_single_device_arrays((jax.device_count(), *local_rows[0].shape[1:]), _sharding(), shards)
+
+
+def replicate(tree: Any) -> Any:
+    """Copy a pytree to every device, once, as pmap's [devices, ...] arrays.
+
+    Each device gets its copy straight from the source: no host-side stack of
     N copies (for SD that would be N x 3.4 GB).
     """
-    devices, sharding = jax.local_devices(), _local_sharding()
-
-    def put(x):
-        x = jnp.asarray(x)[None]
-        return jax.make_array_from_single_device_arrays(
-            (len(devices), *x.shape[1:]), sharding, [jax.device_put(x, d) for d in devices]
-        )
-
-    return jax.tree.map(put, tree)
+    n = jax.local_device_count()
+    return jax.tree.map(lambda x: _global_array([jnp.asarray(x)[None]] * n), tree)
 
 
 def unreplicate(tree: Any) -> Any:
-    """Device 0's copy, fetched to host numpy."""
-    return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+    """This process's first device copy, fetched to host numpy."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data[0]), tree)
 
 
 def shard(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """[local_batch, ...] host arrays -> [local_devices, per_device, ...], one slice per device."""
-    n, sharding = jax.local_device_count(), _local_sharding()
-    return {k: jax.device_put(v.reshape(n, v.shape[0] // n, *v.shape[1:]), sharding) for k, v in batch.items()}
+    """This host's [local_batch, ...] arrays -> global [devices, per_device, ...] arrays."""
+    n = jax.local_device_count()
+    return {k: _global_array(list(v.reshape(n, 1, v.shape[0] // n, *v.shape[1:]))) for k, v in batch.items()}
 
 
 def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:

@@ -153,10 +153,11 @@ def _loop(config, step_fn, device_state, frozen, host_batch, checkpointer, metri
             step += 1
             bar.update(1)
             if is_main and (step % config.train.log_every == 0 or step == config.train.steps):
-                loss = float(metrics["loss"][0])  # the only host sync, once per logged step
+                values = parallel.unreplicate(metrics)  # the only host sync, once per logged step
+                loss = float(values["loss"])
                 rate = (step - tic_step) / (time.perf_counter() - tic)
                 tic, tic_step = time.perf_counter(), step
-                metrics_log.log({"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"][0]), "steps_per_s": rate})
+                metrics_log.log({"step": step, "loss": loss, "grad_norm": float(values["grad_norm"]), "steps_per_s": rate})
                 bar.set_postfix(loss=f"{loss:.4g}", steps_s=f"{rate:.2f}")
             interrupted = stop.requested()
             if is_main and (interrupted or step % config.train.checkpoint_every == 0 or step == config.train.steps):
