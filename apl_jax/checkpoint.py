@@ -67,7 +67,7 @@ class Checkpointer:
         try:
             saved_config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         except (ValueError, OSError, KeyError, json.JSONDecodeError) as err:
-            raise UserError(f"checkpoint {where} has no readable config ({err}); it is corrupt: move it away to start over") from None
+            raise UserError(f"checkpoint {where} has no readable config ({_brief(err)}); it is corrupt: move it away to start over") from None
         self._check_compatible(saved_config, where)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         try:
@@ -76,7 +76,7 @@ class Checkpointer:
                 args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()),
             )
         except (ValueError, OSError, KeyError, json.JSONDecodeError) as err:
-            raise UserError(f"checkpoint {where} cannot be restored ({type(err).__name__}: {err}); it is corrupt: move it away to start over") from None
+            raise UserError(f"checkpoint {where} cannot be restored ({_brief(err)}); it is corrupt: move it away to start over") from None
         state = jax.tree.map(np.asarray, restored["state"])
         for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(abstract)):
             if got.shape != want.shape:
@@ -94,3 +94,15 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _brief(err: Exception) -> str:
+    """The gist of a storage error; tensorstore appends a page-long JSON spec."""
+    text = str(err).split(" [tensorstore_spec")[0]
+    return f"{type(err).__name__}: {text[:300]}"

@@ -30,7 +30,11 @@ def _run(main, argv) -> None:
         code = main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        code = 2
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # A failed orbax/tensorstore read leaves callbacks that fire into a closed asyncio
+        # loop during interpreter shutdown and print a traceback after our one line.
+        os._exit(2)
     sys.exit(code or 0)
 
 

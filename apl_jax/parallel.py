@@ -128,7 +128,7 @@ def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation) -
             "step": state["step"] + 1,
             "rng": state["rng"],
         }
-        metrics = {"loss": jax.lax.pmean(loss, AXIS), "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": jax.lax.pmean(loss, AXIS), "grad_norm": optax.tree.norm(grads)}
         return new_state, metrics
 
     return update

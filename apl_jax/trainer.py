@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -87,8 +88,7 @@ def train(config: Config, workdir: str | Path) -> TrainResult:
     parallel.initialize_distributed(config.parallel)
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
-    per_device = parallel.per_device_batch(config.train.batch_size)
-    first_example, host_count = parallel.host_example_range(config.train.batch_size)
+    parallel.per_device_batch(config.train.batch_size)  # refuse a bad batch size before loading anything
 
     model = load_model(config.model.path, config.model.dtype)
     placeholder_id = single_token_id(model, config.prefix.placeholder)
@@ -96,14 +96,22 @@ def train(config: Config, workdir: str | Path) -> TrainResult:
     optimizer = make_optimizer(config.train)
     state = initial_state(config, model, optimizer)
 
-    checkpointer = None
-    resumed = None
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints, config.to_dict())
-        resumed = checkpointer.restore(state)
-        if resumed is not None:
-            state = resumed[0]
+    with contextlib.ExitStack() as stack:
+        checkpointer = None
+        if is_main:
+            workdir.mkdir(parents=True, exist_ok=True)
+            checkpointer = stack.enter_context(
+                Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints, config.to_dict())
+            )
+            restored = checkpointer.restore(state)
+            if restored is not None:
+                state = restored[0]
+        return _train_from(config, workdir, model, placeholder_id, examples, optimizer, state, checkpointer)
+
+
+def _train_from(config, workdir, model, placeholder_id, examples, optimizer, state, checkpointer) -> TrainResult:
+    is_main = checkpointer is not None
+    first_example, host_count = parallel.host_example_range(config.train.batch_size)
     if jax.process_count() > 1:
         state = multihost_utils.broadcast_one_to_all(state)
     start_step = int(state["step"])
@@ -135,7 +143,6 @@ def train(config: Config, workdir: str | Path) -> TrainResult:
             result.prefix_file = save_diffusers_prefix(workdir / "prefix.safetensors", state["params"], config.prefix.placeholder)
         if metrics_log.records:
             metrics_log.plot()
-        checkpointer.close()
     return result
 
 

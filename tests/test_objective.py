@@ -1,0 +1,94 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from apl_jax.data.prompts import Templates
+from apl_jax.data.synthetic import SyntheticExamples
+from apl_jax.objective import apl_loss, latents_from_pixels
+from apl_jax.prefix import encode_with_prefix, init_prefix
+
+PLACEHOLDER = 41128
+
+
+@pytest.fixture(scope="module")
+def batch(tiny):
+    examples = SyntheticExamples(tiny.tokenizer, "alz", Templates.load("configs/data/templates.yaml"), resolution=32,
+                                 identity_prob=0.5, num_names=4, num_captions=4, seed=0)
+    return jax.tree.map(jnp.asarray, examples.batch(0, 4))
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return jax.random.split(jax.random.PRNGKey(7), 4)
+
+
+def loss_fn(tiny, eta=1.0):
+    return jax.jit(functools.partial(apl_loss, model=tiny, placeholder_id=PLACEHOLDER, negative_guidance=eta))
+
+
+def test_matches_separate_passes_by_hand(tiny, batch, keys):
+    """The doubled-batch UNet call equals two separate passes, with the noise drawn as documented."""
+    prefix = init_prefix(tiny, 10, jax.random.PRNGKey(0))
+    p = tiny.params
+    post, t, eps = [], [], []
+    for key in keys:
+        k_post, k_t, k_eps = jax.random.split(key, 3)
+        post.append(jax.random.normal(k_post, (8, 8, 4)))
+        t.append(jax.random.randint(k_t, (), 0, 1000))
+        eps.append(jnp.transpose(jax.random.normal(k_eps, (8, 8, 4)), (2, 0, 1)))
+    t = jnp.stack(t)
+    z0 = latents_from_pixels(tiny, p["vae"], batch["pixels"], jnp.stack(post))
+    ac = p["scheduler"].common.alphas_cumprod[t][:, None, None, None]
+    z_t = jnp.sqrt(ac) * z0 + jnp.sqrt(1 - ac) * jnp.stack(eps)
+    e_n = tiny.predict_noise(p["unet"], z_t, t, tiny.encode_text(p["text_encoder"], batch["neutral_ids"]))
+    e_p = tiny.predict_noise(p["unet"], z_t, t, encode_with_prefix(tiny, p["text_encoder"], prefix, batch["private_ids"], PLACEHOLDER))
+    eta = 1.0
+    by_hand = jnp.mean((e_p - (e_n - eta * (e_p - e_n))) ** 2)
+    ours = loss_fn(tiny)(prefix, p, batch, keys)
+    np.testing.assert_allclose(ours, by_hand, rtol=1e-4)
+
+
+def test_negative_guidance_scales_the_loss(tiny, batch, keys):
+    # loss = (1 + eta)^2 * mean((e_p - e_n)^2), so eta=2 gives 9x eta=0
+    prefix = init_prefix(tiny, 10, jax.random.PRNGKey(0))
+    base = loss_fn(tiny, 0.0)(prefix, tiny.params, batch, keys)
+    np.testing.assert_allclose(loss_fn(tiny, 2.0)(prefix, tiny.params, batch, keys), 9 * base, rtol=1e-4)
+
+
+def test_latents_use_the_scaling_factor(tiny, batch):
+    zero = jnp.zeros((4, 8, 8, 4))
+    z = latents_from_pixels(tiny, tiny.params["vae"], batch["pixels"], zero)
+    posterior = tiny.vae.apply({"params": tiny.params["vae"]},
+                               jnp.transpose(batch["pixels"] / 127.5 - 1, (0, 3, 1, 2)), method=tiny.vae.encode).latent_dist
+    np.testing.assert_allclose(z, jnp.transpose(posterior.mean, (0, 3, 1, 2)) * 0.18215, rtol=1e-5, atol=1e-6)
+    assert tiny.latent_scaling == pytest.approx(0.18215)
+
+
+def test_timesteps_cover_the_whole_range(tiny):
+    ts = jax.vmap(lambda k: jax.random.randint(jax.random.split(k, 3)[1], (), 0, 1000))(
+        jax.random.split(jax.random.PRNGKey(0), 4000)
+    )
+    assert int(ts.min()) < 10 and int(ts.max()) > 990
+
+
+def test_loss_goes_down_on_a_fixed_batch(tiny, batch, keys):
+    optimizer = optax.adam(1e-2)
+    loss = loss_fn(tiny)
+
+    @jax.jit
+    def step(prefix, opt_state):
+        value, grad = jax.value_and_grad(loss)(prefix, tiny.params, batch, keys)
+        updates, opt_state = optimizer.update(grad, opt_state, prefix)
+        return optax.apply_updates(prefix, updates), opt_state, value
+
+    prefix = init_prefix(tiny, 10, jax.random.PRNGKey(0))
+    opt_state = optimizer.init(prefix)
+    history = []
+    for _ in range(40):
+        prefix, opt_state, value = step(prefix, opt_state)
+        history.append(float(value))
+    assert history[-1] < 0.5 * history[0], history

@@ -1,0 +1,112 @@
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from apl_jax.checkpoint import Checkpointer
+from apl_jax.config import load_config
+from apl_jax.errors import UserError
+from apl_jax.trainer import train
+from conftest import REPO, run_train, train_env
+
+
+def config(*overrides):
+    return load_config(REPO / "configs/tiny.yaml", ["train.batch_size=2", "train.checkpoint_every=2", *overrides])
+
+
+def prefix_of(workdir):
+    return safetensors.numpy.load_file(workdir / "prefix.safetensors")["<alz>"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    result = train(config("train.steps=6"), workdir)
+    assert result.step == 6 and not result.interrupted
+    return workdir
+
+
+def test_outputs(straight):
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    assert (straight / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tensors = safetensors.numpy.load_file(straight / "prefix.safetensors")
+    assert list(tensors) == ["<alz>"]
+    assert tensors["<alz>"].shape == (10, 32) and tensors["<alz>"].dtype == np.float32
+    with open(straight / "prefix.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert header["__metadata__"] == {"format": "pt"}
+    assert sorted(int(p.name) for p in (straight / "checkpoints").iterdir()) == [2, 4, 6]  # keep 3
+
+
+def test_resume_is_bitwise(straight, tmp_path):
+    first = train(config("train.steps=3"), tmp_path)
+    assert first.step == 3
+    second = train(config("train.steps=6"), tmp_path)
+    assert second.step == 6
+    np.testing.assert_array_equal(prefix_of(tmp_path), prefix_of(straight))
+    straight_losses = (straight / "metrics.jsonl").read_text()
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 6
+    assert [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        json.loads(l)["loss"] for l in straight_losses.splitlines()
+    ]
+
+
+def test_incompatible_checkpoint_is_an_error(straight, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(straight, workdir)
+    with pytest.raises(UserError, match=r"written with prefix.num_vectors=10, this run has 4: use another --workdir"):
+        train(config("train.steps=8", "prefix.num_vectors=4"), workdir)
+
+
+def test_corrupt_checkpoint_is_an_error(straight, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(straight, workdir)
+    for f in (workdir / "checkpoints/6/state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"garbage")
+    with pytest.raises(UserError, match=r"checkpoint .*checkpoints/6 cannot be restored \(ValueError: .*\); it is corrupt"):
+        train(config("train.steps=8"), workdir)
+
+
+def test_sigterm_leaves_a_restorable_checkpoint(tmp_path):
+    args = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/tiny.yaml"), "--workdir", str(tmp_path),
+            "--set", "train.steps=100000", "--set", "train.checkpoint_every=100000", "--set", "train.batch_size=2"]
+    proc = subprocess.Popen(args, env=train_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    assert "stopped by signal at step" in out
+    stopped_at = int(out.split("stopped by signal at step ")[1].split(";")[0])
+    assert stopped_at >= 3
+    assert not (tmp_path / "prefix.safetensors").exists()  # no export of an unfinished run
+
+    checkpointer = Checkpointer(tmp_path / "checkpoints", 3, config().to_dict())
+    assert checkpointer.latest_step() == stopped_at
+    checkpointer.close()
+    result = train(config(f"train.steps={stopped_at + 2}", "train.checkpoint_every=100000"), tmp_path)
+    assert result.step == stopped_at + 2
+    lines = metrics.read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines][-3:] == [stopped_at, stopped_at + 1, stopped_at + 2]
+
+
+def test_cli_user_errors_are_one_line(tmp_path):
+    done = run_train(tmp_path, "train.stepz=3")
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: unknown config key train.stepz; known keys here: " \
+        "steps, batch_size, learning_rate, negative_guidance, grad_accum_steps, seed, checkpoint_every, keep_checkpoints, log_every"
+    done = run_train(tmp_path, "model.path=/no/such/model")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: model folder /no/such/model does not exist")
+    assert "Traceback" not in done.stderr
