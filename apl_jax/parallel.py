@@ -6,6 +6,7 @@ Every use of pmap lives here, so moving to jit over a mesh touches this module o
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -103,6 +104,17 @@ def shard(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This host's [local_batch, ...] arrays -> global [devices, per_device, ...] arrays."""
     n = jax.local_device_count()
     return {k: _global_array(list(v.reshape(n, 1, v.shape[0] // n, *v.shape[1:]))) for k, v in batch.items()}
+
+
+def broadcast_json(value: Any) -> Any:
+    """Process 0's JSON-serialisable value, on every process."""
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    buffer = np.zeros(size, np.uint8)
+    buffer[: min(size, data.size)] = data[:size]
+    return json.loads(bytes(multihost_utils.broadcast_one_to_all(buffer)).decode())
 
 
 def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:

@@ -20,7 +20,8 @@ from apl_jax import objective, parallel
 from apl_jax.checkpoint import Checkpointer
 from apl_jax.config import Config, TrainConfig
 from apl_jax.data.prompts import Templates
-from apl_jax.data.synthetic import SyntheticExamples
+from apl_jax.data import HostInput
+from apl_jax.data.synthetic import SyntheticExamples, SyntheticInput
 from apl_jax.errors import UserError
 from apl_jax.export import save_diffusers_prefix
 from apl_jax.metrics import MetricsLog
@@ -44,16 +45,18 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optimizer
 
 
-def make_examples(config: Config, model: FrozenSD):
+def make_input(config: Config, model: FrozenSD) -> HostInput:
+    """This host's batch stream for config.data."""
     if config.data.source != "synthetic":
         raise UserError(f"data.source must be 'synthetic' (the only source so far), got {config.data.source!r}")
     if config.data.resolution % model.vae_scale_factor:
         raise UserError(f"data.resolution={config.data.resolution} is not divisible by the VAE factor {model.vae_scale_factor}")
-    return SyntheticExamples(
+    examples = SyntheticExamples(
         model.tokenizer, config.prefix.placeholder, Templates.load(config.data.templates),
         resolution=config.data.resolution, identity_prob=config.data.identity_prob,
         num_names=config.data.synthetic_names, num_captions=config.data.synthetic_captions, seed=config.train.seed,
     )
+    return SyntheticInput(examples, config.train.batch_size, *parallel.host_example_range(config.train.batch_size))
 
 
 class StopSignal:
@@ -92,12 +95,12 @@ def train(config: Config, workdir: str | Path) -> TrainResult:
 
     model = load_model(config.model.path, config.model.dtype)
     placeholder_id = single_token_id(model, config.prefix.placeholder)
-    examples = make_examples(config, model)
+    host_input = make_input(config, model)
     optimizer = make_optimizer(config.train)
     state = initial_state(config, model, optimizer)
 
     with contextlib.ExitStack() as stack:
-        checkpointer = None
+        checkpointer, data_state = None, None
         if is_main:
             workdir.mkdir(parents=True, exist_ok=True)
             checkpointer = stack.enter_context(
@@ -105,15 +108,17 @@ def train(config: Config, workdir: str | Path) -> TrainResult:
             )
             restored = checkpointer.restore(state)
             if restored is not None:
-                state = restored[0]
-        return _train_from(config, workdir, model, placeholder_id, examples, optimizer, state, checkpointer)
+                state, data_state = restored
+        if jax.process_count() > 1:
+            state = multihost_utils.broadcast_one_to_all(state)
+            data_state = parallel.broadcast_json(data_state)
+        if data_state is not None:
+            host_input.set_state(data_state)
+        return _train_from(config, workdir, model, placeholder_id, host_input, optimizer, state, checkpointer)
 
 
-def _train_from(config, workdir, model, placeholder_id, examples, optimizer, state, checkpointer) -> TrainResult:
+def _train_from(config, workdir, model, placeholder_id, host_input, optimizer, state, checkpointer) -> TrainResult:
     is_main = checkpointer is not None
-    first_example, host_count = parallel.host_example_range(config.train.batch_size)
-    if jax.process_count() > 1:
-        state = multihost_utils.broadcast_one_to_all(state)
     start_step = int(state["step"])
     if start_step:
         log.info("resumed from step %d", start_step)
@@ -128,14 +133,13 @@ def _train_from(config, workdir, model, placeholder_id, examples, optimizer, sta
     frozen = parallel.replicate(model.params)
     device_state = parallel.replicate(state)
 
-    def host_batch(step: int):
-        return parallel.shard(examples.batch(step * config.train.batch_size + first_example, host_count))
-
     metrics_log = MetricsLog(workdir, start_step) if is_main else None
     interrupted = False
     if start_step < config.train.steps:
-        step_fn = parallel.compile_step(update_fn, device_state, frozen, host_batch(start_step))
-        device_state, interrupted = _loop(config, step_fn, device_state, frozen, host_batch, checkpointer, metrics_log)
+        first_batch = parallel.shard(host_input.next_batch())
+        step_fn = parallel.compile_step(update_fn, device_state, frozen, first_batch)
+        device_state, interrupted = _loop(config, step_fn, device_state, frozen, first_batch, host_input, checkpointer,
+                                          metrics_log)
         state = parallel.unreplicate(device_state)
     result = TrainResult(step=int(state["step"]), interrupted=interrupted, prefix_file=None)
     if is_main:
@@ -146,7 +150,7 @@ def _train_from(config, workdir, model, placeholder_id, examples, optimizer, sta
     return result
 
 
-def _loop(config, step_fn, device_state, frozen, host_batch, checkpointer, metrics_log):
+def _loop(config, step_fn, device_state, frozen, batch, host_input, checkpointer, metrics_log):
     """Run steps until train.steps or a stop signal; returns (device state, interrupted)."""
     is_main = checkpointer is not None
     step = int(parallel.unreplicate(device_state["step"]))
@@ -156,8 +160,11 @@ def _loop(config, step_fn, device_state, frozen, host_batch, checkpointer, metri
     tic, tic_step = time.perf_counter(), step
     try:
         while step < config.train.steps and not interrupted:
-            device_state, metrics = step_fn(device_state, frozen, host_batch(step))
+            device_state, metrics = step_fn(device_state, frozen, batch)
             step += 1
+            data_state = host_input.get_state()  # the position after this step's batch
+            if step < config.train.steps:
+                batch = parallel.shard(host_input.next_batch())  # prepared while the step runs
             bar.update(1)
             if is_main and (step % config.train.log_every == 0 or step == config.train.steps):
                 values = parallel.unreplicate(metrics)  # the only host sync, once per logged step
@@ -168,7 +175,7 @@ def _loop(config, step_fn, device_state, frozen, host_batch, checkpointer, metri
                 bar.set_postfix(loss=f"{loss:.4g}", steps_s=f"{rate:.2f}")
             interrupted = stop.requested()
             if is_main and (interrupted or step % config.train.checkpoint_every == 0 or step == config.train.steps):
-                checkpointer.save(parallel.unreplicate(device_state), {"next_example": step * config.train.batch_size})
+                checkpointer.save(parallel.unreplicate(device_state), data_state)
         if interrupted:
             tqdm.write(f"stopped by signal at step {step}; checkpoint saved. Rerun the same command to resume.")
     finally:

@@ -21,6 +21,8 @@ COLOURS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 200), 
 
 
 class SyntheticExamples:
+    """Random access to the synthetic example stream: example g is a function of (seed, g)."""
+
     def __init__(self, tokenizer, placeholder: str, templates: Templates, *, resolution: int, identity_prob: float,
                  num_names: int, num_captions: int, seed: int):
         self.tokenizer, self.placeholder, self.templates = tokenizer, placeholder, templates
@@ -73,3 +75,23 @@ class SyntheticExamples:
             "private_ids": tokenize(self.tokenizer, private),
             "neutral_ids": tokenize(self.tokenizer, neutral),
         }
+
+
+class SyntheticInput:
+    """HostInput over SyntheticExamples: this host's slice of each global batch, in order."""
+
+    def __init__(self, examples: SyntheticExamples, global_batch: int, host_first: int, host_count: int):
+        self.examples, self.global_batch = examples, global_batch
+        self.host_first, self.host_count = host_first, host_count
+        self.next_global = 0  # index of the first example of the next global batch
+
+    def next_batch(self) -> dict[str, np.ndarray]:
+        batch = self.examples.batch(self.next_global + self.host_first, self.host_count)
+        self.next_global += self.global_batch
+        return batch
+
+    def get_state(self) -> dict:
+        return {"next_example": self.next_global}
+
+    def set_state(self, state: dict) -> None:
+        self.next_global = int(state["next_example"])
