@@ -1,7 +1,9 @@
-"""Sampling with and without the prefix: not implemented yet (see the sampling issue)."""
+"""Sample images with and without an APL prefix:
 
-import sys
+    python sample.py --model M --prompt "..." [--prompt ...] --num-images N --seed S [--prefix FILE] [--compare] --out grid.png [--save-dir DIR]
+"""
+
+from apl_jax.cli import sample_main
 
 if __name__ == "__main__":
-    print("sample.py is not implemented yet: the sharded sampler is tracked in the sampling issue.", file=sys.stderr)
-    sys.exit(2)
+    sample_main()

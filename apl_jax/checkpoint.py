@@ -9,6 +9,7 @@ error: training never silently starts again from scratch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -106,3 +107,26 @@ def _brief(err: Exception) -> str:
     """The gist of a storage error; tensorstore appends a page-long JSON spec."""
     text = str(err).split(" [tensorstore_spec")[0]
     return f"{type(err).__name__}: {text[:300]}"
+
+
+def read_prefix(path: str | Path) -> tuple[np.ndarray, str, int]:
+    """(prefix, placeholder, step) from a workdir, its checkpoints/ folder, or one step's folder."""
+    path = Path(path).absolute()
+    if (path / "checkpoints").is_dir():
+        root, step = path / "checkpoints", None
+    elif path.name.isdigit() and (path / "state").is_dir():
+        root, step = path.parent, int(path.name)
+    else:
+        root, step = path, None
+    manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+                                    item_names=("state", "data", "config"))
+    with contextlib.closing(manager):
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise UserError(f"{path} holds no checkpoint (expected a workdir, its checkpoints/ folder or checkpoints/STEP)")
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                     config=ocp.args.JsonRestore()))
+        except (ValueError, OSError, KeyError, json.JSONDecodeError) as err:
+            raise UserError(f"checkpoint {root / str(step)} cannot be read ({_brief(err)})") from None
+    return np.asarray(restored["state"]["params"], np.float32), restored["config"]["prefix"]["placeholder"], step

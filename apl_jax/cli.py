@@ -13,7 +13,7 @@ from apl_jax.errors import UserError
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
 
-def _enable_compilation_cache() -> None:
+def enable_compilation_cache() -> None:
     # Recompiling the same step on every run costs tens of seconds; JAX can keep the programs.
     import jax
 
@@ -22,7 +22,8 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def _run(main, argv) -> None:
+def run_main(main, argv=None) -> None:
+    """Run a CLI main(argv) -> exit code; a UserError becomes one 'error:' line and exit 2."""
     # Our own progress at INFO; libraries (orbax narrates every file it renames) at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("apl_jax").setLevel(logging.INFO)
@@ -52,7 +53,7 @@ def _train(argv) -> int:
 
     config = load_config(args.config, args.overrides)
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
-    _enable_compilation_cache()
+    enable_compilation_cache()
     result = train(config, workdir)
     if result.interrupted:
         return 143
@@ -62,4 +63,62 @@ def _train(argv) -> int:
 
 
 def train_main(argv=None) -> None:
-    _run(_train, argv)
+    run_main(_train, argv)
+
+
+def add_sampler_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny-random", help="a model folder or preset (default tiny-random)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scheduler", default="ddim", help="ddim | pndm | dpm++ (default ddim)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    parser.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per compiled call (default: device count)")
+
+
+def sampler_config(args):
+    from apl_jax.sampling import SamplerConfig
+
+    return SamplerConfig(scheduler=args.scheduler, steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
+                         resolution=args.resolution, batch_size=args.batch_size)
+
+
+def _sample(argv) -> int:
+    parser = argparse.ArgumentParser(prog="sample.py", description="Sample images with and without an APL prefix.")
+    add_sampler_args(parser)
+    parser.add_argument("--prompt", action="append", required=True, help="repeatable")
+    parser.add_argument("--negative-prompt", default="", help="the unconditional prompt of CFG (default empty)")
+    parser.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    parser.add_argument("--prefix", help="a prefix file in any format we export, or a training workdir")
+    parser.add_argument("--compare", action="store_true", help="each prompt without and with the prefix, same seeds")
+    parser.add_argument("--out", default="grid.png", help="the grid PNG")
+    parser.add_argument("--save-dir", help="also save every image here")
+    parser.add_argument("--scale", type=int, default=None, help="grid upscaling (default: to at least 128 px)")
+    args = parser.parse_args(argv)
+    if args.compare and not args.prefix:
+        raise UserError("--compare needs --prefix")
+    if args.num_images < 1:
+        raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+
+    from apl_jax.export import load_prefix
+    from apl_jax.models import load_model
+    from apl_jax.sampling import Sampler, prompt_grid
+
+    enable_compilation_cache()
+    prefix = load_prefix(args.prefix) if args.prefix else None
+    model = load_model(args.model, args.dtype)
+    sampler = Sampler(model, sampler_config(args), prefix.vectors if prefix else None,
+                      prefix.placeholder if prefix else "alz")
+    variants = (False, True) if args.compare else (prefix is not None,)
+    grid, labels = prompt_grid(sampler, args.prompt, args.num_images, args.seed, variants, args.negative_prompt,
+                               save_dir=Path(args.save_dir) if args.save_dir else None, scale=args.scale)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(args.out)
+    print(f"wrote {args.out} ({len(labels)} rows x {args.num_images} images)")
+    return 0
+
+
+def sample_main(argv=None) -> None:
+    run_main(_sample, argv)

@@ -133,6 +133,7 @@ SD1_SCHEDULER = {
     "clip_sample": False,
     "set_alpha_to_one": False,
     "steps_offset": 1,
+    "skip_prk_steps": True,
     "prediction_type": "epsilon",
 }
 

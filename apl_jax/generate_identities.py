@@ -1,0 +1,98 @@
+"""Render an identity set with the base model, as the official dataset_generation.py does.
+
+    python -m apl_jax.generate_identities --model M --names FILE --per-name 100 --out DIR
+
+Prompt k of NAME is "[PRE] NAME [TEMPLATE]", each part drawn with probability 1/2
+from configs/data/templates.yaml (seeded by NAME's position and k). Images are
+written as DIR/<Name>-<k>.png with DIR/manifest.json, the layout the identity_faces
+builder reads. A rerun skips every image already on disk, so an interrupted run
+resumes where it stopped and finished names are never redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+from tqdm import tqdm
+
+from apl_jax.errors import UserError
+
+DEFAULT_TEMPLATES = "configs/data/templates.yaml"
+
+
+def read_names(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"names file {path} does not exist")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not names:
+        raise UserError(f"names file {path} lists no names (one per line)")
+    if any("-" in n and n.rsplit("-", 1)[1].isdigit() for n in names) or len(set(names)) != len(names):
+        raise UserError(f"names in {path} must be distinct and must not end in -<digits> (the file-name convention)")
+    return names
+
+
+def identity_prompt(name: str, name_index: int, k: int, seed: int, pre_templates, templates) -> str:
+    rng = np.random.default_rng([seed, name_index, k])
+    pre = [p.strip() for p in pre_templates if p.strip()]
+    parts = [pre[rng.integers(len(pre))] if rng.random() < 0.5 else "", name,
+             templates[rng.integers(len(templates))] if rng.random() < 0.5 else ""]
+    return " ".join(p for p in parts if p)
+
+
+def file_name(name: str, k: int) -> str:
+    return f"{name}-{k}.png"
+
+
+def generate(sampler, names: list[str], per_name: int, out: Path, seed: int, templates_file: Path) -> int:
+    """Render what is missing; returns how many images were written."""
+    values = yaml.safe_load(Path(templates_file).read_text())
+    negative = values.get("generation_negative_prompt", "")
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(n, i, k) for i, n in enumerate(names) for k in range(per_name) if not (out / file_name(n, k)).exists()]
+    with tqdm(total=len(jobs), desc="identities", unit="img") as bar:
+        for start in range(0, len(jobs), sampler.batch_size):
+            chunk = jobs[start : start + sampler.batch_size]
+            prompts = [identity_prompt(n, i, k, seed, values["pre_templates"], values["templates"]) for n, i, k in chunk]
+            # Noise index = the image's place in the whole set: a resumed run draws the same noise.
+            images = sampler(prompts, seed=seed, negative_prompt=negative, indices=[i * per_name + k for _, i, k in chunk])
+            for image, (name, _, k) in zip(images, chunk):
+                tmp = out / (file_name(name, k) + ".tmp")
+                Image.fromarray(image).save(tmp, format="PNG")
+                tmp.replace(out / file_name(name, k))  # a killed run leaves no half-written PNG
+            bar.update(len(chunk))
+    manifest = {"images": {file_name(n, k): n for n in names for k in range(per_name)}}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return len(jobs)
+
+
+def main(argv=None) -> int:
+    from apl_jax.cli import add_sampler_args, enable_compilation_cache, sampler_config
+    from apl_jax.models import load_model
+    from apl_jax.sampling import Sampler
+
+    parser = argparse.ArgumentParser(prog="python -m apl_jax.generate_identities", description=__doc__.split("\n\n")[0])
+    add_sampler_args(parser)
+    parser.add_argument("--names", required=True, type=Path, help="text file, one NAME per line")
+    parser.add_argument("--per-name", type=int, default=100)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--templates", type=Path, default=Path(DEFAULT_TEMPLATES))
+    args = parser.parse_args(argv)
+    if args.per_name < 1:
+        raise UserError(f"--per-name must be at least 1, got {args.per_name}")
+    names = read_names(args.names)
+    enable_compilation_cache()
+    sampler = Sampler(load_model(args.model, args.dtype), sampler_config(args))
+    written = generate(sampler, names, args.per_name, args.out, args.seed, args.templates)
+    print(f"{args.out}: {len(names)} names x {args.per_name}; rendered {written}, kept {len(names) * args.per_name - written}")
+    return 0
+
+
+if __name__ == "__main__":
+    from apl_jax.cli import run_main
+
+    run_main(main)

@@ -1,0 +1,209 @@
+"""Sharded text-to-image sampling, with or without the prefix.
+
+Text encoding, classifier-free guidance, every scheduler step (lax.fori_loop) and
+the VAE decode form one compiled program, jitted over a 1-D device mesh with the
+prompts split across devices. Only shapes recompile: prompts, seeds, guidance and
+prefix on/off are all traced arguments. Image i's noise comes from
+fold_in(PRNGKey(seed), i), so a seed gives the same images on any device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from diffusers import FlaxDDIMScheduler, FlaxDPMSolverMultistepScheduler, FlaxPNDMScheduler
+from jax.sharding import NamedSharding, PartitionSpec
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from apl_jax.errors import UserError
+from apl_jax.models import FrozenSD
+from apl_jax.prefix import check_prefix_width, expand_placeholder, single_token_id
+from apl_jax.tokenizer import tokenize
+
+SCHEDULERS = {
+    "ddim": FlaxDDIMScheduler,
+    "pndm": FlaxPNDMScheduler,
+    "dpm++": FlaxDPMSolverMultistepScheduler,
+}
+NO_PLACEHOLDER = -1  # matches no token id: the prefix rows exist but are never used
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    scheduler: str = "ddim"  # the official evaluation: DDIM, 20 steps, CFG 7.0, eta 0
+    steps: int = 20
+    guidance_scale: float = 7.0
+    eta: float = 0.0  # DDIM only
+    resolution: int | None = None  # pixels; None: the UNet's sample size x the VAE factor
+    batch_size: int | None = None  # images per compiled call; None: one per device
+
+
+class Sampler:
+    def __init__(self, model: FrozenSD, config: SamplerConfig = SamplerConfig(), prefix: np.ndarray | None = None,
+                 placeholder: str = "alz"):
+        if config.scheduler not in SCHEDULERS:
+            raise UserError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {config.scheduler!r}")
+        if config.steps < 1:
+            raise UserError(f"steps must be at least 1, got {config.steps}")
+        self.model, self.config, self.placeholder = model, config, placeholder
+        self.resolution = config.resolution or model.unet.config.sample_size * model.vae_scale_factor
+        if self.resolution % model.vae_scale_factor:
+            raise UserError(f"resolution {self.resolution} is not divisible by the VAE factor {model.vae_scale_factor}")
+        devices = jax.devices()
+        self.batch_size = config.batch_size or len(devices)
+        if self.batch_size % len(devices):
+            raise UserError(f"batch size {self.batch_size} does not divide across {len(devices)} devices")
+        # Auto axes: let XLA propagate the batch sharding through the whole program.
+        self.mesh = jax.make_mesh((len(devices),), ("batch",), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
+        self.placeholder_id = single_token_id(model, placeholder) if prefix is not None else NO_PLACEHOLDER
+        if prefix is None:  # one zero row keeps a single program for both cases
+            prefix = np.zeros((1, model.text_width), np.float32)
+        check_prefix_width(model, np.asarray(prefix))
+
+        scheduler_config = {k: v for k, v in model.scheduler.config.items() if not k.startswith("_")}
+        # PNDM's Runge-Kutta warm-up takes extra model calls per step; SD (and a fixed-length loop) skips it.
+        scheduler_config["skip_prk_steps"] = True
+        self.scheduler = SCHEDULERS[config.scheduler].from_config(scheduler_config)
+        latent = self.resolution // model.vae_scale_factor
+        self.latent_shape = (model.unet.config.in_channels, latent, latent)
+        scheduler_state = self.scheduler.set_timesteps(
+            self.scheduler.create_state(), config.steps, (self.batch_size, *self.latent_shape)
+        )
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.params = jax.device_put(
+            {"text_encoder": model.params["text_encoder"], "unet": model.params["unet"], "vae": model.params["vae"],
+             "scheduler": scheduler_state, "prefix": jnp.asarray(prefix, jnp.float32)},
+            replicated,
+        )
+        self._split = NamedSharding(self.mesh, PartitionSpec("batch"))
+        self._program = jax.jit(self._generate, out_shardings=self._split)
+
+    def _generate(self, params, ids, uncond_ids, keys, placeholder_id, guidance, eta):
+        model, scheduler = self.model, self.scheduler
+        expanded = expand_placeholder(ids, placeholder_id, model.vocab_size, params["prefix"].shape[0])
+        context = model.encode_text(params["text_encoder"], expanded, extra_embeddings=params["prefix"])
+        uncond = model.encode_text(params["text_encoder"], uncond_ids)
+        context = jnp.concatenate([uncond, context])
+        state = params["scheduler"]
+        latents = jax.vmap(lambda k: jax.random.normal(k, self.latent_shape))(keys) * state.init_noise_sigma
+
+        def body(i, carry):
+            latents, state = carry
+            t = state.timesteps[i]
+            doubled = scheduler.scale_model_input(state, jnp.concatenate([latents, latents]), t)
+            timesteps = jnp.broadcast_to(t, (doubled.shape[0],))
+            noise = model.predict_noise(params["unet"], doubled.astype(model.dtype), timesteps, context)
+            e_uncond, e_cond = jnp.split(noise.astype(jnp.float32), 2)
+            guided = e_uncond + guidance * (e_cond - e_uncond)
+            new, state = scheduler.step(state, guided, t, latents, return_dict=False)
+            if isinstance(scheduler, FlaxDDIMScheduler):
+                # diffusers' Flax DDIM shrinks the direction term by eta but never adds the noise
+                new = new + eta * self._ddim_sigma(state, t) * jax.vmap(
+                    lambda k: jax.random.normal(jax.random.fold_in(k, i), self.latent_shape))(keys)
+            return new, state
+
+        latents, _ = jax.lax.fori_loop(0, self.config.steps, body, (latents, state))
+        decoded = model.vae.apply({"params": params["vae"]}, (latents / model.latent_scaling).astype(model.dtype),
+                                  method=model.vae.decode).sample
+        images = jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0, 1)
+        return jnp.round(jnp.transpose(images, (0, 2, 3, 1)) * 255).astype(jnp.uint8)
+
+    def _ddim_sigma(self, state, t):
+        alphas = state.common.alphas_cumprod
+        prev = t - self.scheduler.config.num_train_timesteps // self.config.steps
+        a_t, a_prev = alphas[t], jnp.where(prev >= 0, alphas[jnp.maximum(prev, 0)], state.final_alpha_cumprod)
+        return jnp.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+
+    def compiled_programs(self) -> int:
+        """How many programs have been compiled so far (shape changes only)."""
+        return self._program._cache_size()
+
+    def __call__(self, prompts: Sequence[str], seed: int = 0, with_prefix: bool = False, negative_prompt: str = "",
+                 indices: Sequence[int] | None = None, progress: bool = False) -> np.ndarray:
+        """uint8 [len(prompts), H, W, 3]; image j's noise is fold_in(PRNGKey(seed), indices[j]) (default j)."""
+        if with_prefix and self.placeholder_id == NO_PLACEHOLDER:
+            raise UserError("with_prefix needs a sampler built with a prefix")
+        texts = [f"{self.placeholder} {p}" if with_prefix else p for p in prompts]
+        indices = np.arange(len(texts)) if indices is None else np.asarray(indices)
+        placeholder_id = self.placeholder_id if with_prefix else NO_PLACEHOLDER
+        out = []
+        chunks = range(0, len(texts), self.batch_size)
+        for start in tqdm(chunks, desc="sampling", unit="batch", disable=not progress or len(chunks) < 2):
+            chunk = texts[start : start + self.batch_size]
+            pad = self.batch_size - len(chunk)
+            padded = chunk + [chunk[-1]] * pad
+            chunk_indices = np.concatenate([indices[start : start + len(chunk)], np.zeros(pad, int)])
+            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.asarray(chunk_indices))
+            images = self._program(
+                self.params,
+                jax.device_put(tokenize(self.model.tokenizer, padded), self._split),
+                jax.device_put(tokenize(self.model.tokenizer, [negative_prompt] * self.batch_size), self._split),
+                jax.device_put(keys, self._split),
+                jnp.int32(placeholder_id),
+                jnp.float32(self.config.guidance_scale),
+                jnp.float32(self.config.eta),
+            )
+            out.append(np.asarray(images)[: len(chunk)])
+        return np.concatenate(out) if out else np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
+
+
+def image_grid(rows: Sequence[np.ndarray], row_labels: Sequence[str] = (), column_labels: Sequence[str] = (),
+               scale: int = 1) -> Image.Image:
+    """Rows of equally sized uint8 images as one labelled PIL image."""
+    rows = [np.asarray(r) for r in rows]
+    h, w = rows[0].shape[1] * scale, rows[0].shape[2] * scale
+    left = 8 + 7 * max((len(s) for s in row_labels), default=0) if row_labels else 0
+    top = 16 if column_labels else 0
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (left + cols * w, top + len(rows) * h), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, label in enumerate(column_labels):
+        draw.text((left + c * w + 2, 2), label, fill="black")
+    for r, images in enumerate(rows):
+        if r < len(row_labels):
+            draw.text((4, top + r * h + h // 2 - 6), row_labels[r], fill="black")
+        for c, image in enumerate(images):
+            tile = Image.fromarray(image).resize((w, h), Image.NEAREST)
+            grid.paste(tile, (left + c * w, top + r * h))
+    return grid
+
+
+def save_images(folder: Path, images: np.ndarray, prompts: Sequence[str], tag: str) -> list[Path]:
+    """One PNG per image: NNNN-<prompt slug>-<tag>.png."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:60]
+        path = folder / f"{i:04d}-{slug}-{tag}.png"
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    return paths
+
+
+def prompt_grid(sampler: Sampler, prompts: Sequence[str], num_images: int, seed: int, variants: Sequence[bool],
+                negative_prompt: str = "", save_dir: Path | None = None, scale: int | None = None):
+    """Each prompt x each variant (with_prefix False/True) as a row of num_images, on the same seeds.
+
+    Returns (grid image, row labels); a prompt's rows are adjacent, plain above prefixed.
+    """
+    expanded = [p for p in prompts for _ in range(num_images)]
+    rows = {}
+    for with_prefix in variants:
+        images = sampler(expanded, seed=seed, with_prefix=with_prefix, negative_prompt=negative_prompt, progress=True)
+        if save_dir is not None:
+            save_images(save_dir, images, expanded, "prefix" if with_prefix else "plain")
+        for i, prompt in enumerate(prompts):
+            label = f"[{sampler.placeholder}] {prompt}" if with_prefix else prompt
+            rows[(i, with_prefix)] = (label, images[i * num_images : (i + 1) * num_images])
+    ordered = [rows[key] for key in sorted(rows)]
+    labels = [label for label, _ in ordered]
+    grid = image_grid([images for _, images in ordered], labels, [f"seed {seed} #{k}" for k in range(num_images)],
+                      scale=scale or max(1, 128 // sampler.resolution))
+    return grid, labels
