@@ -118,7 +118,7 @@ def read_prefix(path: str | Path) -> tuple[np.ndarray, str, int]:
         root, step = path.parent, int(path.name)
     else:
         root, step = path, None
-    manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+    manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=False),
                                     item_names=("state", "data", "config"))
     with contextlib.closing(manager):
         step = manager.latest_step() if step is None else step

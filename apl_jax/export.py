@@ -180,10 +180,10 @@ def _refuse_overwrite(path: Path, force: bool) -> None:
 
 
 def _prefix_command(args) -> int:
+    _refuse_overwrite(Path(args.to), args.force)
     source = load_prefix(args.source)
     if args.placeholder:
         source.placeholder = args.placeholder
-    _refuse_overwrite(Path(args.to), args.force)
     written = save_prefix(args.to, source, args.format)
     print(f"wrote {written} ({args.format}, {source.vectors.shape[0]} x {source.vectors.shape[1]}, "
           f"placeholder {source.placeholder!r}, from {source.format})")

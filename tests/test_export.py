@@ -1,0 +1,129 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from apl_jax.errors import UserError
+from apl_jax.export import PrefixFile, load_prefix, save_prefix
+from conftest import REPO, train_env
+
+VECTORS = np.random.default_rng(1).normal(size=(10, 32)).astype(np.float32)
+
+
+def export_cli(*args):
+    return subprocess.run([sys.executable, "-m", "apl_jax.export", *args], env=train_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("fmt, name", [("diffusers", "p.safetensors"), ("a1111", "p.safetensors")])
+def test_safetensors_round_trip(tmp_path, fmt, name):
+    save_prefix(tmp_path / name, PrefixFile(VECTORS, "alz", "test"), fmt)
+    back = load_prefix(tmp_path / name)
+    np.testing.assert_array_equal(back.vectors, VECTORS)
+    assert back.placeholder == "alz"
+
+
+@pytest.mark.parametrize("fmt", ["a1111", "apl"])
+def test_pt_round_trip(tmp_path, fmt, capsys):
+    torch = pytest.importorskip("torch", reason="the .pt formats need the optional torch extra")
+    path = tmp_path / f"{fmt}.pt"
+    save_prefix(path, PrefixFile(VECTORS, "alz", "test", step=7), fmt)
+    back = load_prefix(path)
+    np.testing.assert_array_equal(back.vectors, VECTORS)
+    assert back.format == fmt
+    raw = torch.load(path, weights_only=False)
+    if fmt == "apl":
+        assert isinstance(raw["string_to_param"], torch.nn.ParameterDict)
+        assert int(raw["string_to_token"]["alz"]) == 41128
+        assert "official APL format" in capsys.readouterr().err
+    else:
+        assert raw["string_to_token"] == {"*": 265} and raw["step"] == 7 and raw["name"] == "a1111"
+
+
+def test_pt_without_torch_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    with pytest.raises(UserError, match=r"\.pt prefix files needs torch: pip install torch"):
+        save_prefix(tmp_path / "p.pt", PrefixFile(VECTORS, "alz", "test"), "apl")
+
+
+def test_format_and_suffix_errors(tmp_path):
+    with pytest.raises(UserError, match="format diffusers writes .safetensors files, not p.pt"):
+        save_prefix(tmp_path / "p.pt", PrefixFile(VECTORS, "alz", "test"), "diffusers")
+    with pytest.raises(UserError, match="prefix source .*missing.pt does not exist"):
+        load_prefix(tmp_path / "missing.pt")
+    import safetensors.numpy
+
+    safetensors.numpy.save_file({"a": VECTORS, "b": VECTORS}, tmp_path / "two.safetensors")
+    with pytest.raises(UserError, match="holds 2 tensors .*; a prefix file has exactly one"):
+        load_prefix(tmp_path / "two.safetensors")
+
+
+def test_cli_from_checkpoint_and_overwrite(tmp_path):
+    from apl_jax.config import load_config
+    from apl_jax.trainer import train
+
+    config = load_config(REPO / "configs/tiny.yaml", ["train.steps=2", "train.batch_size=1"])
+    train(config, tmp_path / "run")
+    trained = load_prefix(tmp_path / "run/prefix.safetensors").vectors
+    done = export_cli("prefix", "--from", str(tmp_path / "run"), "--to", str(tmp_path / "out.safetensors"),
+                      "--format", "diffusers")
+    assert done.returncode == 0, done.stderr
+    assert "from checkpoint" in done.stdout
+    np.testing.assert_array_equal(load_prefix(tmp_path / "out.safetensors").vectors, trained)
+    again = export_cli("prefix", "--from", str(tmp_path / "run/checkpoints/2"), "--to", str(tmp_path / "out.safetensors"),
+                       "--format", "diffusers")
+    assert again.returncode == 2
+    assert again.stderr.strip() == f"error: {tmp_path / 'out.safetensors'} exists; pass --force to overwrite it"
+    forced = export_cli("prefix", "--from", str(tmp_path / "run/checkpoints/2"), "--to",
+                        str(tmp_path / "out.safetensors"), "--format", "diffusers", "--force")
+    assert forced.returncode == 0, forced.stderr
+
+
+@pytest.fixture(scope="module")
+def pytorch_pipeline(tmp_path_factory, tiny):
+    """tiny-random exported with `python -m apl_jax.export model`, loaded by diffusers' PyTorch pipeline."""
+    pytest.importorskip("torch", reason="the interop test needs torch (pip install torch)")
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path_factory.mktemp("interop") / "tiny"
+    done = export_cli("model", "--model", "tiny-random", "--out", str(folder))
+    assert done.returncode == 0, done.stderr
+    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+
+
+def test_pytorch_pipeline_matches_our_text_encoder_with_prefix(pytorch_pipeline, tiny, tmp_path):
+    import jax.numpy as jnp
+    import torch
+
+    from apl_jax.prefix import encode_with_prefix
+    from apl_jax.tokenizer import tokenize
+
+    save_prefix(tmp_path / "prefix.safetensors", PrefixFile(VECTORS, "alz", "test"), "diffusers")
+    pipe = pytorch_pipeline
+    pipe.load_textual_inversion(str(tmp_path / "prefix.safetensors"))
+    prompt = "a photo of Ada Quill"
+    # diffusers rewrites "<alz>" into its 10 added tokens itself
+    text = pipe.maybe_convert_prompt(f"<alz> {prompt}", pipe.tokenizer)
+    ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        theirs = pipe.text_encoder(ids)[0].numpy()
+    ours = encode_with_prefix(tiny, tiny.params["text_encoder"], jnp.asarray(VECTORS),
+                              jnp.asarray(tokenize(tiny.tokenizer, [f"alz {prompt}"])), 41128)
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
+
+
+def test_pytorch_unet_and_vae_match(pytorch_pipeline, tiny):
+    import jax.numpy as jnp
+    import torch
+
+    rng = np.random.default_rng(0)
+    latents = rng.normal(size=(1, 4, 8, 8)).astype(np.float32)
+    context = rng.normal(size=(1, 77, 32)).astype(np.float32)
+    with torch.no_grad():
+        theirs = pytorch_pipeline.unet(torch.from_numpy(latents), 10, torch.from_numpy(context)).sample.numpy()
+        decoded = pytorch_pipeline.vae.decode(torch.from_numpy(latents)).sample.numpy()
+    ours = tiny.predict_noise(tiny.params["unet"], jnp.asarray(latents), jnp.array([10]), jnp.asarray(context))
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=2e-3)
+    our_decoded = tiny.vae.apply({"params": tiny.params["vae"]}, jnp.asarray(latents), method=tiny.vae.decode).sample
+    np.testing.assert_allclose(np.asarray(our_decoded), decoded, atol=1e-4)
