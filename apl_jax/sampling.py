@@ -159,7 +159,8 @@ def image_grid(rows: Sequence[np.ndarray], row_labels: Sequence[str] = (), colum
     """Rows of equally sized uint8 images as one labelled PIL image."""
     rows = [np.asarray(r) for r in rows]
     h, w = rows[0].shape[1] * scale, rows[0].shape[2] * scale
-    left = 8 + 7 * max((len(s) for s in row_labels), default=0) if row_labels else 0
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = 12 + int(max((measure.textlength(s) for s in row_labels), default=0)) if row_labels else 0
     top = 16 if column_labels else 0
     cols = max(len(r) for r in rows)
     grid = Image.new("RGB", (left + cols * w, top + len(rows) * h), "white")

@@ -63,8 +63,13 @@ def test_ddim_eta_adds_noise(tiny):
 def test_compare_grid_size_and_labels(sampler):
     grid, labels = prompt_grid(sampler, PROMPTS[:2], 3, seed=0, variants=(False, True), scale=2)
     assert labels == [PROMPTS[0], f"[alz] {PROMPTS[0]}", PROMPTS[1], f"[alz] {PROMPTS[1]}"]
-    left = 8 + 7 * max(len(label) for label in labels)
-    assert grid.size == (left + 3 * 64, 16 + 4 * 64)
+    assert grid.size[1] == 16 + 4 * 64  # a header line, then 4 rows of 32 px images at scale 2
+    left = grid.size[0] - 3 * 64
+    assert 50 < left < 400
+    pixels = np.asarray(grid)
+    assert (pixels[16:, :left] < 100).any()  # the row labels are drawn
+    assert (pixels[:16, left:] < 100).any()  # the column labels are drawn
+    np.testing.assert_array_equal(pixels[16 : 16 + 64 : 2, left : left + 64 : 2], sampler(PROMPTS[:1], seed=0)[0])
 
 
 def test_bad_inputs(tiny):
@@ -141,3 +146,11 @@ def test_identity_prompts_and_names(tmp_path):
     bad.write_text("Ada-3\n")
     with pytest.raises(UserError, match="must not end in -<digits>"):
         read_names(bad)
+
+
+def test_sampling_benchmark_smoke():
+    done = subprocess.run([sys.executable, "benchmarks/sampling.py", "--steps", "2", "--batch", "1", "--repeats", "1"],
+                          env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ours (JAX):" in done.stdout and "images/s" in done.stdout
+    assert "ratio ours/PyTorch:" in done.stdout or "torch is not installed" in done.stdout

@@ -1,0 +1,92 @@
+"""Images/s of our sharded sampler against diffusers' PyTorch StableDiffusionPipeline, side by side.
+
+Same model (ours exported with PyTorch weights), resolution, scheduler (DDIM), steps,
+guidance and batch, measured in one run so the ratio sees the same machine load.
+Without torch it times ours alone and says so.
+
+    python benchmarks/sampling.py [--model tiny-random] [--steps 20] [--batch 4] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+
+from apl_jax.models import load_model  # noqa: E402
+from apl_jax.sampling import Sampler, SamplerConfig  # noqa: E402
+
+PROMPT = "a photo of Ada Quill"
+
+
+def time_ours(model, args) -> tuple[float, float]:
+    sampler = Sampler(model, SamplerConfig(steps=args.steps, guidance_scale=7.0, batch_size=args.batch))
+    prompts = [PROMPT] * args.batch
+    start = time.perf_counter()
+    sampler(prompts, seed=0)  # compiles
+    compile_s = time.perf_counter() - start
+    runs = []
+    for seed in range(args.repeats):
+        start = time.perf_counter()
+        sampler(prompts, seed=seed + 1)
+        runs.append(time.perf_counter() - start)
+    return args.batch / statistics.median(runs), compile_s
+
+
+def time_pytorch(model, args) -> float | None:
+    try:
+        import torch
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        model.save(folder, weights="pt")
+        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    size = model.unet.config.sample_size * model.vae_scale_factor
+
+    def once(seed):
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            pipe([PROMPT] * args.batch, height=size, width=size, num_inference_steps=args.steps, guidance_scale=7.0,
+                 generator=generator, output_type="np")
+
+    once(0)  # warm-up
+    runs = []
+    for seed in range(args.repeats):
+        start = time.perf_counter()
+        once(seed + 1)
+        runs.append(time.perf_counter() - start)
+    return args.batch / statistics.median(runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny-random")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    model = load_model(args.model)
+    ours, compile_s = time_ours(model, args)
+    theirs = time_pytorch(model, args)
+    device = jax.devices()[0].device_kind
+    print(f"model={args.model} DDIM steps={args.steps} batch={args.batch} device={device} x{jax.device_count()}")
+    print(f"ours (JAX):         {ours:8.2f} images/s   (compile {compile_s:.1f} s, not included)")
+    if theirs is None:
+        print("diffusers PyTorch:  not measured (torch is not installed)")
+    else:
+        print(f"diffusers PyTorch:  {theirs:8.2f} images/s")
+        print(f"ratio ours/PyTorch: {ours / theirs:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
