@@ -138,27 +138,17 @@ SD1_SCHEDULER = {
 }
 
 
-@functools.lru_cache(maxsize=2)
-def tiny_random(dtype: str = "float32") -> FrozenSD:
-    """A deterministic, randomly initialised, SD-1.x-shaped model for tests (32 px images)."""
+def _random_model(text: dict, unet: dict, vae: dict, dtype: str) -> FrozenSD:
+    """Random SD-1.x-shaped weights, deterministic (seed 0), initialised under jax.jit."""
     text_config = CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu", projection_dim=32,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        vocab_size=49408, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, **text,
     )
-    unet = FlaxUNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=8, cross_attention_dim=32, dtype=DTYPES[dtype],
-    )
-    vae = FlaxAutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        norm_num_groups=8, sample_size=32, dtype=DTYPES[dtype],
-    )
+    unet = FlaxUNet2DConditionModel(in_channels=4, out_channels=4, dtype=DTYPES[dtype], **unet)
+    vae = FlaxAutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, dtype=DTYPES[dtype], **vae)
     text_module = FlaxCLIPTextModule(config=text_config)
     ids = jnp.zeros((1, MAX_LENGTH), jnp.int32)
-    # Diffusers' init_weights takes ~a minute un-jitted even for tiny models; jitted, well under a second.
+    # Diffusers' init_weights takes ~a minute un-jitted even for tiny models; jitted, seconds.
     init = jax.jit(
         lambda key: {
             "text_encoder": text_module.init(jax.random.fold_in(key, 0), ids, ids, ids)["params"],
@@ -170,7 +160,36 @@ def tiny_random(dtype: str = "float32") -> FrozenSD:
     return _assemble(load_tokenizer(), text_config, unet, vae, SD1_SCHEDULER, params, dtype)
 
 
-PRESETS = {"tiny-random": tiny_random}
+@functools.lru_cache(maxsize=2)
+def tiny_random(dtype: str = "float32") -> FrozenSD:
+    """For tests: CLIP width 32, UNet (32, 64), a 3-block VAE; 32 px images, 8x8x4 latents."""
+    return _random_model(
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
+        unet=dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8,
+                  cross_attention_dim=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+        vae=dict(block_out_channels=(16, 32, 32), layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 3,
+                 up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8, sample_size=32),
+        dtype=dtype,
+    )
+
+
+def sd15_random(dtype: str = "float32") -> FrozenSD:
+    """Stable Diffusion 1.5's exact shapes (860M-parameter UNet, CLIP ViT-L/14 text) with random weights: for benchmarks."""
+    return _random_model(
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  projection_dim=768),
+        unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+                  cross_attention_dim=768,
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512),
+        dtype=dtype,
+    )
+
+
+PRESETS = {"tiny-random": tiny_random, "sd15-random": sd15_random}
 
 
 # ---------------------------------------------------------------- loading

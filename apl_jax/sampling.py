@@ -121,6 +121,29 @@ class Sampler:
         a_t, a_prev = alphas[t], jnp.where(prev >= 0, alphas[jnp.maximum(prev, 0)], state.final_alpha_cumprod)
         return jnp.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
 
+    def _arguments(self, texts, indices, seed, placeholder_id, negative_prompt):
+        """One compiled call's arguments; a short chunk is padded to the batch size."""
+        pad = self.batch_size - len(texts)
+        texts = list(texts) + [texts[-1]] * pad
+        indices = np.concatenate([indices, np.zeros(pad, int)])
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.asarray(indices))
+        return (
+            self.params,
+            jax.device_put(tokenize(self.model.tokenizer, texts), self._split),
+            jax.device_put(tokenize(self.model.tokenizer, [negative_prompt] * self.batch_size), self._split),
+            jax.device_put(keys, self._split),
+            jnp.int32(placeholder_id),
+            jnp.float32(self.config.guidance_scale),
+            jnp.float32(self.config.eta),
+        )
+
+    def flops_per_batch(self) -> float:
+        """XLA's FLOP count of one compiled call (batch_size images)."""
+        arguments = self._arguments(["a"], np.zeros(1, int), 0, NO_PLACEHOLDER, "")
+        cost = self._program.lower(*arguments).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return float((cost or {}).get("flops", 0.0))
+
     def compiled_programs(self) -> int:
         """How many programs have been compiled so far (shape changes only)."""
         return self._program._cache_size()
@@ -137,20 +160,8 @@ class Sampler:
         chunks = range(0, len(texts), self.batch_size)
         for start in tqdm(chunks, desc="sampling", unit="batch", disable=not progress or len(chunks) < 2):
             chunk = texts[start : start + self.batch_size]
-            pad = self.batch_size - len(chunk)
-            padded = chunk + [chunk[-1]] * pad
-            chunk_indices = np.concatenate([indices[start : start + len(chunk)], np.zeros(pad, int)])
-            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.asarray(chunk_indices))
-            images = self._program(
-                self.params,
-                jax.device_put(tokenize(self.model.tokenizer, padded), self._split),
-                jax.device_put(tokenize(self.model.tokenizer, [negative_prompt] * self.batch_size), self._split),
-                jax.device_put(keys, self._split),
-                jnp.int32(placeholder_id),
-                jnp.float32(self.config.guidance_scale),
-                jnp.float32(self.config.eta),
-            )
-            out.append(np.asarray(images)[: len(chunk)])
+            arguments = self._arguments(chunk, indices[start : start + len(chunk)], seed, placeholder_id, negative_prompt)
+            out.append(np.asarray(self._program(*arguments))[: len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
 
 

@@ -24,9 +24,10 @@ from apl_jax.models import load_model  # noqa: E402
 from apl_jax.sampling import Sampler, SamplerConfig  # noqa: E402
 
 PROMPT = "a photo of Ada Quill"
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak
 
 
-def time_ours(model, args) -> tuple[float, float]:
+def time_ours(model, args) -> tuple[float, float, float]:
     sampler = Sampler(model, SamplerConfig(steps=args.steps, guidance_scale=7.0, batch_size=args.batch))
     prompts = [PROMPT] * args.batch
     start = time.perf_counter()
@@ -37,7 +38,7 @@ def time_ours(model, args) -> tuple[float, float]:
         start = time.perf_counter()
         sampler(prompts, seed=seed + 1)
         runs.append(time.perf_counter() - start)
-    return args.batch / statistics.median(runs), compile_s
+    return args.batch / statistics.median(runs), compile_s, sampler.flops_per_batch() / statistics.median(runs)
 
 
 def time_pytorch(model, args) -> float | None:
@@ -48,13 +49,17 @@ def time_pytorch(model, args) -> float | None:
         return None
     with tempfile.TemporaryDirectory() as folder:
         model.save(folder, weights="pt")
-        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
+                                                       torch_dtype=dtype)
+    if torch.cuda.is_available():
+        pipe = pipe.to("cuda")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     size = model.unet.config.sample_size * model.vae_scale_factor
 
     def once(seed):
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator(pipe.device).manual_seed(seed)
         with torch.no_grad():
             pipe([PROMPT] * args.batch, height=size, width=size, num_inference_steps=args.steps, guidance_scale=7.0,
                  generator=generator, output_type="np")
@@ -74,13 +79,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
-    model = load_model(args.model)
-    ours, compile_s = time_ours(model, args)
+    model = load_model(args.model, args.dtype)
+    ours, compile_s, flops_per_s = time_ours(model, args)
     theirs = time_pytorch(model, args)
     device = jax.devices()[0].device_kind
-    print(f"model={args.model} DDIM steps={args.steps} batch={args.batch} device={device} x{jax.device_count()}")
+    print(f"model={args.model} {args.dtype} DDIM steps={args.steps} batch={args.batch} device={device} x{jax.device_count()}")
     print(f"ours (JAX):         {ours:8.2f} images/s   (compile {compile_s:.1f} s, not included)")
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device), None)
+    mfu = f", MFU {flops_per_s / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else ""
+    print(f"ours: {flops_per_s / 1e12:.3f} TFLOP/s by XLA's FLOP count{mfu}")
     if theirs is None:
         print("diffusers PyTorch:  not measured (torch is not installed)")
     else:

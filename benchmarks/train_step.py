@@ -1,0 +1,174 @@
+"""Our pmapped APL step against a PyTorch reference step, side by side, in one invocation.
+
+Both sides load the same weights (our model exported as PyTorch safetensors), train at
+the same resolution on the same examples, one example per step as the official code.
+Each side runs in its own subprocess, one after the other, so its peak memory is its
+own. Reports samples/s (median over timed steps after warm-up), compile time apart,
+peak memory, and on GPUs the MFU of our step from XLA's FLOP count.
+
+    python benchmarks/train_step.py --config tiny|sd15@256|sd15@512 [--dtype float32|bfloat16] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CONFIGS = {  # name: (model preset, resolution)
+    "tiny": ("tiny-random", 32),
+    "sd15@256": ("sd15-random", 256),
+    "sd15@512": ("sd15-random", 512),
+}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak
+K, PLACEHOLDER, LR, ETA = 10, 41128, 1e-3, 1.0
+
+
+def examples(resolution: int, count: int):
+    from apl_jax.data.prompts import Templates
+    from apl_jax.data.synthetic import SyntheticExamples
+    from apl_jax.tokenizer import load_tokenizer
+
+    source = SyntheticExamples(load_tokenizer(), "alz", Templates.load(REPO / "configs/data/templates.yaml"),
+                               resolution=resolution, identity_prob=0.5, num_names=4, num_captions=4, seed=0)
+    return [source.batch(i, 1) for i in range(count)]
+
+
+def jax_worker(args) -> dict:
+    import dataclasses
+    import functools
+
+    import jax
+
+    from apl_jax import objective, parallel
+    from apl_jax.config import TrainConfig
+    from apl_jax.models import load_model
+    from apl_jax.trainer import make_optimizer
+
+    model = load_model(args.weights, args.dtype)
+    optimizer = make_optimizer(TrainConfig(learning_rate=LR))
+    prefix = jax.random.uniform(jax.random.PRNGKey(0), (K, model.text_width))
+    state = {"params": prefix, "opt_state": optimizer.init(prefix), "step": 0, "rng": jax.random.PRNGKey(0)}
+    loss_fn = functools.partial(objective.apl_loss, model=dataclasses.replace(model, params=None),
+                                placeholder_id=PLACEHOLDER, negative_guidance=ETA)
+    frozen, state = parallel.replicate(model.params), parallel.replicate(state)
+    batches = [parallel.shard(b) for b in examples(args.resolution, args.warmup + args.steps)]
+    start = time.perf_counter()
+    step = parallel.compile_step(parallel.make_update_fn(loss_fn, optimizer), state, frozen, batches[0])
+    compile_s = time.perf_counter() - start
+    times = []
+    for i, batch in enumerate(batches):
+        start = time.perf_counter()
+        state, metrics = step(state, frozen, batch)
+        jax.block_until_ready(metrics)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() or {}
+    cost = step.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {"side": "jax", "step_s": statistics.median(times), "compile_s": compile_s,
+            "peak_bytes": stats.get("peak_bytes_in_use") or _peak_rss(), "flops": float((cost or {}).get("flops", 0)),
+            "device": device.device_kind}
+
+
+def torch_worker(args) -> dict:
+    import torch
+
+    from torch_reference import ReferenceStep
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    step = ReferenceStep(Path(args.weights), K, PLACEHOLDER, LR, ETA, device, dtype)
+    times = []
+    for i, batch in enumerate(examples(args.resolution, args.warmup + args.steps)):
+        pixels = torch.from_numpy(batch["pixels"]).permute(0, 3, 1, 2).to(device, dtype) / 127.5 - 1
+        private = torch.from_numpy(batch["private_ids"]).long().to(device)
+        neutral = torch.from_numpy(batch["neutral_ids"]).long().to(device)
+        start = time.perf_counter()
+        step(pixels, private, neutral)  # .item() inside waits for the device
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss()
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return {"side": "torch", "step_s": statistics.median(times), "compile_s": 0.0, "peak_bytes": peak, "device": name}
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def prepare_worker(args) -> dict:
+    """Our preset saved once as a diffusers folder with PyTorch weights, shared by both sides."""
+    folder = Path(args.weights)
+    if not (folder / "model_index.json").exists():
+        from apl_jax.models import load_model
+
+        load_model(CONFIGS[args.config][0]).save(folder, weights="pt")
+    return {"side": "prepare"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="tiny", choices=CONFIGS)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per side")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "apl-jax-bench")
+    parser.add_argument("--worker", choices=("prepare", "jax", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--resolution", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker = {"prepare": prepare_worker, "jax": jax_worker, "torch": torch_worker}[args.worker]
+        print("RESULT " + json.dumps(worker(args)))
+        return
+
+    # Every side, weight preparation included, runs in its own process: no process holds
+    # accelerator memory (JAX preallocates) while another measures.
+    weights = args.cache / CONFIGS[args.config][0]
+    results = {}
+    for side in ("prepare", "jax", "torch"):
+        command = [sys.executable, __file__, "--worker", side, "--weights", str(weights), "--config", args.config,
+                   "--resolution", str(CONFIGS[args.config][1]), "--dtype", args.dtype,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode or not lines:
+            tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+            print(f"{side}: failed ({tail[0][:300]})")
+            if side == "prepare":
+                sys.exit(1)
+            continue
+        if side != "prepare":
+            results[side] = json.loads(lines[-1][len("RESULT "):])
+    report(args, results)
+
+
+def report(args, results: dict) -> None:
+    print(f"config={args.config} dtype={args.dtype} batch=1 per step, median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"{'side':8} {'device':24} {'samples/s':>10} {'step s':>9} {'compile s':>10} {'peak MiB':>9}")
+    for side, r in results.items():
+        print(f"{side:8} {r['device'][:24]:24} {1 / r['step_s']:10.3f} {r['step_s']:9.3f} {r['compile_s']:10.1f} "
+              f"{r['peak_bytes'] / 2**20:9.0f}")
+    if len(results) == 2:
+        print(f"ratio ours/PyTorch: {results['torch']['step_s'] / results['jax']['step_s']:.2f}x")
+    ours = results.get("jax")
+    if ours and ours["flops"]:
+        achieved = ours["flops"] / ours["step_s"]
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in ours["device"]), None)
+        mfu = f", MFU {achieved / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else ""
+        print(f"our step: {ours['flops'] / 1e9:.1f} GFLOP (XLA cost analysis), {achieved / 1e12:.3f} TFLOP/s{mfu}")
+
+
+if __name__ == "__main__":
+    main()

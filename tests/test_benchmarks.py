@@ -1,0 +1,27 @@
+"""The benchmarks run in CI only as smoke tests: tiny config, one step, never a timed assertion."""
+
+import subprocess
+import sys
+
+from conftest import REPO, train_env
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], env=train_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_train_step_benchmark_smoke(tmp_path):
+    done = run("benchmarks/train_step.py", "--config", "tiny", "--steps", "1", "--warmup", "0", "--cache", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("jax ") for line in lines), done.stdout
+    assert any(line.startswith("torch ") for line in lines) or "torch: failed" in done.stdout
+    assert "GFLOP (XLA cost analysis)" in done.stdout
+
+
+def test_sampling_benchmark_smoke():
+    done = run("benchmarks/sampling.py", "--steps", "2", "--batch", "1", "--repeats", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ours (JAX):" in done.stdout and "images/s" in done.stdout
+    assert "ratio ours/PyTorch:" in done.stdout or "torch is not installed" in done.stdout
