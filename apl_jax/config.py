@@ -43,10 +43,15 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    source: str = "synthetic"  # the in-memory stand-in until the tfds pipeline lands
-    identity_prob: float = 0.5
+    source: str = "synthetic"  # synthetic (in-memory stand-in, no files) | folders (identity_dir + caption_dir)
+    identity_dir: str | None = None  # face images + manifest, or <Name>-<idx>.png files (source folders)
+    caption_dir: str | None = None  # images + captions.jsonl or prompts.txt (source folders)
+    identity_prob: float = 0.5  # chance that an example is an identity one, else generic
+    neutral_mode: str = "empty"  # identity neutral prompt: empty (official) | attributes (manifest descriptions)
     resolution: int = 32
     templates: str = "configs/data/templates.yaml"
+    cache_dir: str = "~/.cache/apl_jax/datasets"  # built array_record datasets, one folder per source fingerprint
+    loader_threads: int = 8  # decode + tokenize threads of the folders loader
     synthetic_names: int = 8
     synthetic_captions: int = 16
 

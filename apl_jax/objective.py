@@ -29,10 +29,13 @@ def latents_from_pixels(model: FrozenSD, vae_params, pixels: jax.Array, posterio
     return jnp.transpose(z0, (0, 3, 1, 2)).astype(jnp.float32) * model.latent_scaling
 
 
-def apl_loss(prefix, frozen, batch, keys, *, model: FrozenSD, placeholder_id: int, negative_guidance: float):
+def apl_loss(prefix, frozen, batch, keys, *, model: FrozenSD, placeholder_id: int, negative_guidance: float,
+             fused_passes: bool = True):
     """mean((e_p - (e_n - eta * (sg(e_p) - e_n)))^2); only `prefix` gets gradients.
 
     `model` supplies the modules only; every array comes in through `frozen`.
+    fused_passes: one UNet call on the doubled batch (cheaper forward); False: two
+    calls, so the backward pass runs over the private half only.
     """
     height, width = batch["pixels"].shape[1:3]
     factor = model.vae_scale_factor
@@ -52,14 +55,15 @@ def apl_loss(prefix, frozen, batch, keys, *, model: FrozenSD, placeholder_id: in
 
     context_neutral = jax.lax.stop_gradient(model.encode_text(frozen["text_encoder"], batch["neutral_ids"]))
     context_private = encode_with_prefix(model, frozen["text_encoder"], prefix, batch["private_ids"], placeholder_id)
-    # One UNet call on the doubled batch instead of two (the official third pass equals e_p).
-    both = model.predict_noise(
-        frozen["unet"],
-        jnp.concatenate([z_t, z_t]).astype(model.dtype),
-        jnp.concatenate([t, t]),
-        jnp.concatenate([context_neutral, context_private]),
-    ).astype(jnp.float32)
-    e_neutral, e_private = jnp.split(both, 2)
+    z_t = z_t.astype(model.dtype)
+    # The official third pass ("eps_private_freeze") equals e_p: stop_gradient(e_p) replaces it.
+    if fused_passes:
+        both = model.predict_noise(frozen["unet"], jnp.concatenate([z_t, z_t]), jnp.concatenate([t, t]),
+                                   jnp.concatenate([context_neutral, context_private])).astype(jnp.float32)
+        e_neutral, e_private = jnp.split(both, 2)
+    else:
+        e_neutral = model.predict_noise(frozen["unet"], z_t, t, context_neutral).astype(jnp.float32)
+        e_private = model.predict_noise(frozen["unet"], z_t, t, context_private).astype(jnp.float32)
     e_neutral = jax.lax.stop_gradient(e_neutral)
     target = e_neutral - negative_guidance * (jax.lax.stop_gradient(e_private) - e_neutral)
     return jnp.mean((e_private - target) ** 2)

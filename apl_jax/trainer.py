@@ -21,6 +21,7 @@ from apl_jax.checkpoint import Checkpointer
 from apl_jax.config import Config, TrainConfig
 from apl_jax.data.prompts import Templates
 from apl_jax.data import HostInput
+from apl_jax.data.pipeline import folder_input
 from apl_jax.data.synthetic import SyntheticExamples, SyntheticInput
 from apl_jax.errors import UserError
 from apl_jax.export import save_diffusers_prefix
@@ -47,16 +48,25 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 def make_input(config: Config, model: FrozenSD) -> HostInput:
     """This host's batch stream for config.data."""
-    if config.data.source != "synthetic":
-        raise UserError(f"data.source must be 'synthetic' (the only source so far), got {config.data.source!r}")
-    if config.data.resolution % model.vae_scale_factor:
-        raise UserError(f"data.resolution={config.data.resolution} is not divisible by the VAE factor {model.vae_scale_factor}")
+    data = config.data
+    if data.resolution % model.vae_scale_factor:
+        raise UserError(f"data.resolution={data.resolution} is not divisible by the VAE factor {model.vae_scale_factor}")
+    host_range = parallel.host_example_range(config.train.batch_size)
+    if data.source == "folders":
+        return folder_input(data, model.tokenizer, config.prefix.placeholder, config.train.seed,
+                            config.train.batch_size, *host_range)
+    if data.source != "synthetic":
+        raise UserError(f"data.source must be 'synthetic' or 'folders', got {data.source!r}")
+    if data.identity_dir or data.caption_dir or data.neutral_mode != "empty":
+        # Don't let a forgotten data.source=folders train on synthetic data.
+        raise UserError("data.identity_dir, data.caption_dir and data.neutral_mode only apply to data.source=folders; "
+                        "add --set data.source=folders")
     examples = SyntheticExamples(
-        model.tokenizer, config.prefix.placeholder, Templates.load(config.data.templates),
-        resolution=config.data.resolution, identity_prob=config.data.identity_prob,
-        num_names=config.data.synthetic_names, num_captions=config.data.synthetic_captions, seed=config.train.seed,
+        model.tokenizer, config.prefix.placeholder, Templates.load(data.templates),
+        resolution=data.resolution, identity_prob=data.identity_prob,
+        num_names=data.synthetic_names, num_captions=data.synthetic_captions, seed=config.train.seed,
     )
-    return SyntheticInput(examples, config.train.batch_size, *parallel.host_example_range(config.train.batch_size))
+    return SyntheticInput(examples, config.train.batch_size, *host_range)
 
 
 class StopSignal:

@@ -59,7 +59,7 @@ def jax_worker(args) -> dict:
     prefix = jax.random.uniform(jax.random.PRNGKey(0), (K, model.text_width))
     state = {"params": prefix, "opt_state": optimizer.init(prefix), "step": 0, "rng": jax.random.PRNGKey(0)}
     loss_fn = functools.partial(objective.apl_loss, model=dataclasses.replace(model, params=None),
-                                placeholder_id=PLACEHOLDER, negative_guidance=ETA)
+                                placeholder_id=PLACEHOLDER, negative_guidance=ETA, fused_passes=not args.split_passes)
     frozen, state = parallel.replicate(model.params), parallel.replicate(state)
     batches = [parallel.shard(b) for b in examples(args.resolution, args.warmup + args.steps)]
     start = time.perf_counter()
@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--split-passes", action="store_true", help="our step: two UNet calls instead of one doubled one")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "apl-jax-bench")
     parser.add_argument("--worker", choices=("prepare", "jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
@@ -140,7 +141,7 @@ def main() -> None:
     for side in ("prepare", "jax", "torch"):
         command = [sys.executable, __file__, "--worker", side, "--weights", str(weights), "--config", args.config,
                    "--resolution", str(CONFIGS[args.config][1]), "--dtype", args.dtype,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                   "--steps", str(args.steps), "--warmup", str(args.warmup)] + ["--split-passes"] * args.split_passes
         done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not lines:
@@ -155,7 +156,9 @@ def main() -> None:
 
 
 def report(args, results: dict) -> None:
-    print(f"config={args.config} dtype={args.dtype} batch=1 per step, median of {args.steps} steps after {args.warmup} warm-up")
+    passes = "two UNet calls" if args.split_passes else "one doubled UNet call"
+    print(f"config={args.config} dtype={args.dtype} batch=1 per step ({passes}), median of {args.steps} steps after "
+          f"{args.warmup} warm-up")
     print(f"{'side':8} {'device':24} {'samples/s':>10} {'step s':>9} {'compile s':>10} {'peak MiB':>9}")
     for side, r in results.items():
         print(f"{side:8} {r['device'][:24]:24} {1 / r['step_s']:10.3f} {r['step_s']:9.3f} {r['compile_s']:10.1f} "

@@ -92,3 +92,15 @@ def test_loss_goes_down_on_a_fixed_batch(tiny, batch, keys):
         prefix, opt_state, value = step(prefix, opt_state)
         history.append(float(value))
     assert history[-1] < 0.5 * history[0], history
+
+
+def test_split_passes_give_the_same_loss_and_gradient(tiny, batch, keys):
+    prefix = init_prefix(tiny, 10, jax.random.PRNGKey(0))
+
+    def value_and_grad(fused):
+        fn = functools.partial(apl_loss, model=tiny, placeholder_id=PLACEHOLDER, negative_guidance=1.0, fused_passes=fused)
+        return jax.jit(jax.value_and_grad(fn))(prefix, tiny.params, batch, keys)
+
+    (fused_loss, fused_grad), (split_loss, split_grad) = value_and_grad(True), value_and_grad(False)
+    np.testing.assert_allclose(split_loss, fused_loss, rtol=1e-5)
+    np.testing.assert_allclose(split_grad, fused_grad, rtol=1e-4, atol=1e-9)
