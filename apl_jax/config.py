@@ -35,6 +35,9 @@ class TrainConfig:
     learning_rate: float = 1e-3  # the official code's value (its README says 1e-5)
     negative_guidance: float = 1.0  # eta in DESIGN.md section 1
     grad_accum_steps: int = 1  # >1 wraps the optimizer in optax.MultiSteps
+    # One UNet call on the doubled (neutral + private) batch; false: two calls, so the
+    # backward pass covers only the private half (see benchmarks/README.md for which is faster)
+    fused_unet_passes: bool = True
     seed: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 3

@@ -138,6 +138,7 @@ def _train_from(config, workdir, model, placeholder_id, host_input, optimizer, s
         model=dataclasses.replace(model, params=None),  # modules only: arrays come in as arguments
         placeholder_id=placeholder_id,
         negative_guidance=config.train.negative_guidance,
+        fused_passes=config.train.fused_unet_passes,
     )
     update_fn = parallel.make_update_fn(loss_fn, optimizer)
     frozen = parallel.replicate(model.params)
