@@ -21,8 +21,8 @@ from apl_jax.checkpoint import Checkpointer
 from apl_jax.config import Config, TrainConfig
 from apl_jax.data.prompts import Templates
 from apl_jax.data import HostInput
-from apl_jax.data.pipeline import folder_input
-from apl_jax.data.synthetic import SyntheticExamples, SyntheticInput
+from apl_jax.data.pipeline import StreamInput, folder_input
+from apl_jax.data.synthetic import SyntheticExamples
 from apl_jax.errors import UserError
 from apl_jax.export import save_diffusers_prefix
 from apl_jax.metrics import MetricsLog
@@ -66,7 +66,7 @@ def make_input(config: Config, model: FrozenSD) -> HostInput:
         resolution=data.resolution, identity_prob=data.identity_prob,
         num_names=data.synthetic_names, num_captions=data.synthetic_captions, seed=config.train.seed,
     )
-    return SyntheticInput(examples, config.train.batch_size, *host_range)
+    return StreamInput(examples, config.train.batch_size, *host_range, threads=data.loader_threads)
 
 
 class StopSignal:

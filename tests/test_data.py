@@ -14,7 +14,7 @@ import yaml
 
 from apl_jax.config import DataConfig, load_config
 from apl_jax.data import builders
-from apl_jax.data.pipeline import FolderExamples, FolderInput, folder_input, load_datasets
+from apl_jax.data.pipeline import FolderExamples, StreamInput, folder_input, load_datasets
 from apl_jax.data.prompts import Templates
 from apl_jax.errors import UserError
 from apl_jax.tokenizer import load_tokenizer, tokenize
@@ -172,7 +172,7 @@ def test_exact_prompts_for_a_fixed_seed(built, tokenizer, neutral_mode):
 
 
 def stream(examples, host_first, host_count, batches, state=None) -> list[dict]:
-    host = FolderInput(examples, 6, host_first, host_count, threads=3)
+    host = StreamInput(examples, 6, host_first, host_count, threads=3)
     if state is not None:
         host.set_state(json.loads(json.dumps(state)))
     return [host.next_batch() for _ in range(batches)]
@@ -197,15 +197,15 @@ def test_hosts_slices_are_disjoint_and_cover_the_global_batch(examples):
 
 
 def test_resumed_stream_equals_the_uninterrupted_one(examples):
-    host = FolderInput(examples, 6, 2, 4, threads=3)
+    host = StreamInput(examples, 6, 2, 4, threads=3)
     uninterrupted = [host.next_batch() for _ in range(5)]
     state = host.get_state()
     assert state == {"next_example": 30}
-    interrupted = FolderInput(examples, 6, 2, 4, threads=3)
+    interrupted = StreamInput(examples, 6, 2, 4, threads=3)
     [interrupted.next_batch() for _ in range(2)]
     assert json.loads(json.dumps(interrupted.get_state())) == {"next_example": 12}
     # Any host resumes from process 0's state: here host (2, 4) from host (0, 2)'s.
-    process0 = FolderInput(examples, 6, 0, 2, threads=3)
+    process0 = StreamInput(examples, 6, 0, 2, threads=3)
     [process0.next_batch() for _ in range(2)]
     resumed = stream(examples, 2, 4, 3, state=process0.get_state())
     for a, b in zip(resumed, uninterrupted[2:]):

@@ -75,10 +75,11 @@ class FolderExamples:
         return {"pixels": record["image"], "private_ids": private_ids, "neutral_ids": neutral_ids}
 
 
-class FolderInput:
-    """HostInput over FolderExamples: this host's slice of each global batch, made ahead in grain threads."""
+class StreamInput:
+    """HostInput over any example stream with example(g) -> dict (folders or synthetic):
+    this host's slice of each global batch, made ahead in grain threads."""
 
-    def __init__(self, examples: FolderExamples, global_batch: int, host_first: int, host_count: int, *, threads: int):
+    def __init__(self, examples, global_batch: int, host_first: int, host_count: int, *, threads: int):
         self.examples, self.global_batch = examples, global_batch
         self.host_first, self.host_count, self.threads = host_first, host_count, threads
         self.next_global = 0  # index of the first example of the next global batch
@@ -160,9 +161,9 @@ def load_datasets(data: DataConfig) -> tuple[Sequence[dict] | None, Sequence[dic
 
 
 def folder_input(data: DataConfig, tokenizer, placeholder: str, seed: int, global_batch: int, host_first: int,
-                 host_count: int) -> FolderInput:
+                 host_count: int) -> StreamInput:
     """This host's batch stream over the folder datasets of `data`."""
     identity, captions = load_datasets(data)
     examples = FolderExamples(identity, captions, tokenizer, placeholder, Templates.load(data.templates),
                               identity_prob=data.identity_prob, neutral_mode=data.neutral_mode, seed=seed)
-    return FolderInput(examples, global_batch, host_first, host_count, threads=data.loader_threads)
+    return StreamInput(examples, global_batch, host_first, host_count, threads=data.loader_threads)

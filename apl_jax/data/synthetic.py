@@ -6,7 +6,8 @@ face-like drawings, one colour scheme per invented name; generic images are a
 coloured square on a coloured background with a matching caption.
 
 Example g of the stream depends only on (seed, g), so any host can produce any
-slice of any global batch, and a resumed run sees the same examples.
+slice of any global batch, and a resumed run sees the same examples; the trainer
+streams it through the same threaded loader as the folder datasets.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class SyntheticExamples:
         image[y : y + size, x : x + size] = COLOURS[fg]
         return image
 
-    def example(self, index: int) -> tuple[np.ndarray, str, str]:
+    def drawn(self, index: int) -> tuple[np.ndarray, str, str]:
+        """(image, private prompt, neutral prompt) of example `index`."""
         rng = np.random.default_rng([self.seed, index])
         if rng.random() < self.identity_prob:
             name_index = int(rng.integers(len(self.names)))
@@ -67,31 +69,13 @@ class SyntheticExamples:
         private, neutral = generic_pair(caption, self.placeholder)
         return self._scene(fg, bg, rng), private, neutral
 
+    def example(self, index: int) -> dict[str, np.ndarray]:
+        image, private, neutral = self.drawn(index)
+        private_ids, neutral_ids = tokenize(self.tokenizer, [private, neutral])
+        return {"pixels": image, "private_ids": private_ids, "neutral_ids": neutral_ids}
+
     def batch(self, start: int, count: int) -> dict[str, np.ndarray]:
-        """Examples start..start+count-1 of the stream, as the training step's batch."""
-        images, private, neutral = zip(*(self.example(i) for i in range(start, start + count)))
-        return {
-            "pixels": np.stack(images),
-            "private_ids": tokenize(self.tokenizer, private),
-            "neutral_ids": tokenize(self.tokenizer, neutral),
-        }
+        """Examples start..start+count-1 stacked, as the training step's batch."""
+        examples = [self.example(i) for i in range(start, start + count)]
+        return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
-
-class SyntheticInput:
-    """HostInput over SyntheticExamples: this host's slice of each global batch, in order."""
-
-    def __init__(self, examples: SyntheticExamples, global_batch: int, host_first: int, host_count: int):
-        self.examples, self.global_batch = examples, global_batch
-        self.host_first, self.host_count = host_first, host_count
-        self.next_global = 0  # index of the first example of the next global batch
-
-    def next_batch(self) -> dict[str, np.ndarray]:
-        batch = self.examples.batch(self.next_global + self.host_first, self.host_count)
-        self.next_global += self.global_batch
-        return batch
-
-    def get_state(self) -> dict:
-        return {"next_example": self.next_global}
-
-    def set_state(self, state: dict) -> None:
-        self.next_global = int(state["next_example"])
