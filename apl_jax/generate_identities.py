@@ -25,12 +25,18 @@ from apl_jax.errors import UserError
 DEFAULT_TEMPLATES = "configs/data/templates.yaml"
 
 
-def read_names(path: Path) -> list[str]:
+def read_lines(path: Path, what: str) -> list[str]:
+    """The non-empty, non-comment lines of a names or prompts file; an error if there are none."""
     if not path.is_file():
-        raise UserError(f"names file {path} does not exist")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    if not names:
-        raise UserError(f"names file {path} lists no names (one per line)")
+        raise UserError(f"{what} file {path} does not exist")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not lines:
+        raise UserError(f"{what} file {path} lists no {what} (one per line)")
+    return lines
+
+
+def read_names(path: Path) -> list[str]:
+    names = read_lines(path, "names")
     if any("-" in n and n.rsplit("-", 1)[1].isdigit() for n in names) or len(set(names)) != len(names):
         raise UserError(f"names in {path} must be distinct and must not end in -<digits> (the file-name convention)")
     return names
