@@ -78,7 +78,7 @@ def jax_worker(args) -> dict:
     cost = cost[0] if isinstance(cost, list) else cost
     return {"side": "jax", "step_s": statistics.median(times), "compile_s": compile_s,
             "peak_bytes": stats.get("peak_bytes_in_use") or _peak_rss(), "flops": float((cost or {}).get("flops", 0)),
-            "device": device.device_kind}
+            "bytes_accessed": float((cost or {}).get("bytes accessed", 0)), "device": device.device_kind}
 
 
 def torch_worker(args) -> dict:
@@ -170,7 +170,10 @@ def report(args, results: dict) -> None:
         achieved = ours["flops"] / ours["step_s"]
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in ours["device"]), None)
         mfu = f", MFU {achieved / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else ""
-        print(f"our step: {ours['flops'] / 1e9:.1f} GFLOP (XLA cost analysis), {achieved / 1e12:.3f} TFLOP/s{mfu}")
+        traffic = ours.get("bytes_accessed", 0)
+        intensity = f", {traffic / 1e9:.1f} GB accessed ({ours['flops'] / traffic:.0f} FLOP/byte)" if traffic else ""
+        print(f"our step: {ours['flops'] / 1e9:.1f} GFLOP (XLA cost analysis){intensity}, "
+              f"{achieved / 1e12:.3f} TFLOP/s{mfu}")
 
 
 if __name__ == "__main__":
