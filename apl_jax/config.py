@@ -38,6 +38,8 @@ class TrainConfig:
     # One UNet call on the doubled (neutral + private) batch; false: two calls, so the
     # backward pass covers only the private half (see benchmarks/README.md for which is faster)
     fused_unet_passes: bool = True
+    # Encode each distinct training image with the VAE once, not every step (see latent_cache.py)
+    cache_latents: bool = False
     seed: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 3

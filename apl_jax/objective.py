@@ -1,7 +1,8 @@
 """The APL loss for one batch (DESIGN.md section 1). Pure; knows nothing about devices.
 
 batch:
-  pixels       uint8 [B, H, W, 3]   images (uint8 keeps host->device transfers small)
+  pixels       uint8 [B, H, W, 3]   images (uint8 keeps host->device transfers small), or instead
+  posterior_mean, posterior_std [B, h, w, C]   their cached VAE encodings
   private_ids  int32 [B, 77]        "alz ..." prompts, placeholder included
   neutral_ids  int32 [B, 77]        the neutral prompts
 keys: one PRNG key per example, so an example's noise does not depend on which
@@ -17,16 +18,18 @@ from apl_jax.models import FrozenSD
 from apl_jax.prefix import encode_with_prefix
 
 
-def latents_from_pixels(model: FrozenSD, vae_params, pixels: jax.Array, posterior_noise: jax.Array) -> jax.Array:
-    """z0 = posterior sample x scaling factor, NCHW as the UNet wants it.
-
-    `posterior_noise` is channels-last [B, h, w, C], like diffusers' Flax posterior.
-    """
+def encode_posterior(model: FrozenSD, vae_params, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The VAE posterior (mean, std) of uint8 [B, H, W, 3] images, channels-last like diffusers' Flax VAE."""
     images = pixels.astype(jnp.float32) / 127.5 - 1.0
     images = jnp.transpose(images, (0, 3, 1, 2)).astype(model.dtype)  # the VAE takes NCHW
     posterior = model.vae.apply({"params": vae_params}, images, method=model.vae.encode).latent_dist
-    z0 = posterior.mean + posterior.std * posterior_noise.astype(posterior.mean.dtype)
-    return jnp.transpose(z0, (0, 3, 1, 2)).astype(jnp.float32) * model.latent_scaling
+    return posterior.mean, posterior.std
+
+
+def sample_latents(model: FrozenSD, mean: jax.Array, std: jax.Array, noise: jax.Array) -> jax.Array:
+    """z0 = posterior sample x scaling factor, NCHW as the UNet wants it."""
+    z0 = mean.astype(jnp.float32) + std.astype(jnp.float32) * noise
+    return jnp.transpose(z0, (0, 3, 1, 2)) * model.latent_scaling
 
 
 def apl_loss(prefix, frozen, batch, keys, *, model: FrozenSD, placeholder_id: int, negative_guidance: float,
@@ -37,9 +40,11 @@ def apl_loss(prefix, frozen, batch, keys, *, model: FrozenSD, placeholder_id: in
     fused_passes: one UNet call on the doubled batch (cheaper forward); False: two
     calls, so the backward pass runs over the private half only.
     """
-    height, width = batch["pixels"].shape[1:3]
-    factor = model.vae_scale_factor
-    latent_hw_c = (height // factor, width // factor, model.vae.config.latent_channels)
+    if "posterior_mean" in batch:  # images encoded once and cached (they repeat across steps)
+        mean, std = batch["posterior_mean"], batch["posterior_std"]
+    else:
+        mean, std = encode_posterior(model, frozen["vae"], batch["pixels"])
+    latent_hw_c = mean.shape[1:]
     num_timesteps = model.scheduler.config.num_train_timesteps
 
     def draw(key):
@@ -49,7 +54,7 @@ def apl_loss(prefix, frozen, batch, keys, *, model: FrozenSD, placeholder_id: in
         return jax.random.normal(k_post, latent_hw_c), t, jax.random.normal(k_eps, latent_hw_c)
 
     posterior_noise, t, eps = jax.vmap(draw)(keys)
-    z0 = latents_from_pixels(model, frozen["vae"], batch["pixels"], posterior_noise)
+    z0 = sample_latents(model, mean, std, posterior_noise)
     eps = jnp.transpose(eps, (0, 3, 1, 2))
     z_t = model.scheduler.add_noise(frozen["scheduler"], z0, eps, t)
 

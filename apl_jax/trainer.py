@@ -25,6 +25,7 @@ from apl_jax.data.pipeline import StreamInput, folder_input
 from apl_jax.data.synthetic import SyntheticExamples
 from apl_jax.errors import UserError
 from apl_jax.export import save_diffusers_prefix
+from apl_jax.latent_cache import LatentCache
 from apl_jax.metrics import MetricsLog
 from apl_jax.models import FrozenSD, load_model
 from apl_jax.prefix import init_prefix, single_token_id
@@ -67,6 +68,25 @@ def make_input(config: Config, model: FrozenSD) -> HostInput:
         num_names=data.synthetic_names, num_captions=data.synthetic_captions, seed=config.train.seed,
     )
     return StreamInput(examples, config.train.batch_size, *host_range, threads=data.loader_threads)
+
+
+class CachedLatentsInput:
+    """A HostInput whose batches carry cached VAE posteriors instead of pixels."""
+
+    def __init__(self, host_input: HostInput, model: FrozenSD):
+        encode = jax.jit(functools.partial(objective.encode_posterior, dataclasses.replace(model, params=None)))
+        vae_params = model.params["vae"]
+        self.host_input = host_input
+        self.cache = LatentCache(lambda pixels: jax.device_get(encode(vae_params, pixels)))
+
+    def next_batch(self) -> dict[str, np.ndarray]:
+        return self.cache(self.host_input.next_batch())
+
+    def get_state(self) -> dict:
+        return self.host_input.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.host_input.set_state(state)
 
 
 class StopSignal:
@@ -146,6 +166,8 @@ def _train_from(config, workdir, model, placeholder_id, host_input, optimizer, s
 
     metrics_log = MetricsLog(workdir, start_step) if is_main else None
     interrupted = False
+    if config.train.cache_latents:
+        host_input = CachedLatentsInput(host_input, model)
     if start_step < config.train.steps:
         first_batch = parallel.shard(host_input.next_batch())
         step_fn = parallel.compile_step(update_fn, device_state, frozen, first_batch)

@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax, torch, diffusers, transformers; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__)"
 echo "== train step, sd15@512, bf16, one doubled UNet call (the default)"
 timeout 200 python3 benchmarks/train_step.py --config sd15@512 --dtype bfloat16 --steps 10 --warmup 2 --cache /tmp/apl-bench
-echo "== train step, sd15@512, bf16, two UNet calls (train.fused_unet_passes=false)"
-timeout 130 python3 benchmarks/train_step.py --config sd15@512 --dtype bfloat16 --steps 10 --warmup 2 --cache /tmp/apl-bench --split-passes
+echo "== train step, sd15@512, bf16, two UNet calls and cached VAE encodings (fused_unet_passes=false, cache_latents=true)"
+timeout 130 python3 benchmarks/train_step.py --config sd15@512 --dtype bfloat16 --steps 10 --warmup 2 --cache /tmp/apl-bench --split-passes --cached-latents
 echo "== sampling, sd15-random 512 px, DDIM 20 steps, batch 4"
 timeout 150 python3 benchmarks/sampling.py --model sd15-random --dtype bfloat16 --steps 20 --batch 4 --repeats 3

@@ -8,7 +8,7 @@ import pytest
 
 from apl_jax.data.prompts import Templates
 from apl_jax.data.synthetic import SyntheticExamples
-from apl_jax.objective import apl_loss, latents_from_pixels
+from apl_jax.objective import apl_loss, encode_posterior, sample_latents
 from apl_jax.prefix import encode_with_prefix, init_prefix
 
 PLACEHOLDER = 41128
@@ -41,7 +41,7 @@ def test_matches_separate_passes_by_hand(tiny, batch, keys):
         t.append(jax.random.randint(k_t, (), 0, 1000))
         eps.append(jnp.transpose(jax.random.normal(k_eps, (8, 8, 4)), (2, 0, 1)))
     t = jnp.stack(t)
-    z0 = latents_from_pixels(tiny, p["vae"], batch["pixels"], jnp.stack(post))
+    z0 = sample_latents(tiny, *encode_posterior(tiny, p["vae"], batch["pixels"]), jnp.stack(post))
     ac = p["scheduler"].common.alphas_cumprod[t][:, None, None, None]
     z_t = jnp.sqrt(ac) * z0 + jnp.sqrt(1 - ac) * jnp.stack(eps)
     e_n = tiny.predict_noise(p["unet"], z_t, t, tiny.encode_text(p["text_encoder"], batch["neutral_ids"]))
@@ -61,7 +61,7 @@ def test_negative_guidance_scales_the_loss(tiny, batch, keys):
 
 def test_latents_use_the_scaling_factor(tiny, batch):
     zero = jnp.zeros((4, 8, 8, 4))
-    z = latents_from_pixels(tiny, tiny.params["vae"], batch["pixels"], zero)
+    z = sample_latents(tiny, *encode_posterior(tiny, tiny.params["vae"], batch["pixels"]), zero)
     posterior = tiny.vae.apply({"params": tiny.params["vae"]},
                                jnp.transpose(batch["pixels"] / 127.5 - 1, (0, 3, 1, 2)), method=tiny.vae.encode).latent_dist
     np.testing.assert_allclose(z, jnp.transpose(posterior.mean, (0, 3, 1, 2)) * 0.18215, rtol=1e-5, atol=1e-6)
@@ -104,3 +104,11 @@ def test_split_passes_give_the_same_loss_and_gradient(tiny, batch, keys):
     (fused_loss, fused_grad), (split_loss, split_grad) = value_and_grad(True), value_and_grad(False)
     np.testing.assert_allclose(split_loss, fused_loss, rtol=1e-5)
     np.testing.assert_allclose(split_grad, fused_grad, rtol=1e-4, atol=1e-9)
+
+
+def test_cached_posterior_gives_the_same_loss(tiny, batch, keys):
+    prefix = init_prefix(tiny, 10, jax.random.PRNGKey(0))
+    mean, std = encode_posterior(tiny, tiny.params["vae"], batch["pixels"])
+    cached = {k: v for k, v in batch.items() if k != "pixels"} | {"posterior_mean": mean, "posterior_std": std}
+    np.testing.assert_allclose(loss_fn(tiny)(prefix, tiny.params, cached, keys),
+                               loss_fn(tiny)(prefix, tiny.params, batch, keys), rtol=1e-5)

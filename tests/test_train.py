@@ -105,9 +105,39 @@ def test_cli_user_errors_are_one_line(tmp_path):
     done = run_train(tmp_path, "train.stepz=3")
     assert done.returncode == 2
     assert done.stderr.strip() == "error: unknown config key train.stepz; known keys here: " \
-        "steps, batch_size, learning_rate, negative_guidance, grad_accum_steps, fused_unet_passes, seed, checkpoint_every, "\
-        "keep_checkpoints, log_every"
+        "steps, batch_size, learning_rate, negative_guidance, grad_accum_steps, fused_unet_passes, cache_latents, seed, "\
+        "checkpoint_every, keep_checkpoints, log_every"
     done = run_train(tmp_path, "model.path=/no/such/model")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: model folder /no/such/model does not exist")
     assert "Traceback" not in done.stderr
+
+
+def test_cached_latents_train_the_same_objective(straight, tmp_path):
+    """The cached posterior feeds the same loss: the 6 straight steps' losses again, to float tolerance."""
+    result = train(config("train.steps=6", "train.cache_latents=true"), tmp_path)
+    assert result.step == 6
+    cached = [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    plain = [json.loads(l)["loss"] for l in (straight / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(cached, plain, rtol=1e-4)
+
+
+def test_latent_cache_encodes_each_image_once():
+    from apl_jax.latent_cache import LatentCache
+
+    calls = []
+
+    def encode(pixels):
+        calls.append(len(pixels))
+        mean = pixels.astype(np.float32).mean(axis=(1, 2, 3))[:, None, None, None] * np.ones((1, 2, 2, 4))
+        return mean, mean + 1
+
+    cache = LatentCache(encode)
+    images = np.random.default_rng(0).integers(0, 255, size=(3, 4, 4, 3), dtype=np.uint8)
+    first = cache({"pixels": images[[0, 1]], "private_ids": np.zeros((2, 77))})
+    again = cache({"pixels": images[[1, 0]], "private_ids": np.ones((2, 77))})
+    assert calls == [2]  # both images seen: no second encode
+    np.testing.assert_array_equal(again["posterior_mean"], first["posterior_mean"][::-1])
+    assert "pixels" not in again and again["private_ids"].sum() == 2 * 77
+    cache({"pixels": images[[2, 0]], "private_ids": np.zeros((2, 77))})
+    assert calls == [2, 2] and len(cache.entries) == 3
