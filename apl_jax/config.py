@@ -103,7 +103,7 @@ def _from_dict(cls, values: dict[str, Any], where: str):
         if key not in fields:
             raise UserError(f"unknown config key {path}; known keys here: {', '.join(fields)}")
         field = fields[key]
-        if dataclasses.is_dataclass(field.default_factory if field.default_factory is not dataclasses.MISSING else None):
+        if dataclasses.is_dataclass(field.default_factory):  # a nested section
             kwargs[key] = _from_dict(field.default_factory, value, path)
         else:
             kwargs[key] = _coerce(value, field, path)

@@ -112,8 +112,7 @@ def broadcast_json(value: Any) -> Any:
 
     data = np.frombuffer(json.dumps(value).encode(), np.uint8)
     size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
-    buffer = np.zeros(size, np.uint8)
-    buffer[: min(size, data.size)] = data[:size]
+    buffer = np.resize(data, size)  # same shape everywhere; only process 0's bytes are kept
     return json.loads(bytes(multihost_utils.broadcast_one_to_all(buffer)).decode())
 
 
