@@ -1,0 +1,32 @@
+"""What APL-mini's renders are called: the captions the base model learns and the prompts evaluation uses."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from apl_jax.data.prompts import Templates
+from apl_jax.generate_identities import identity_prompt
+from apl_jax.mini import world
+
+PORTRAIT_PROMPT = "A close-up portrait of {name}"
+
+
+def named_caption(name: str, k: int, seed: int, templates: Templates) -> str:
+    """The prompt the official identity-set generation would use for image k of NAME."""
+    return identity_prompt(name, world.NAMES.index(name), k, seed, templates.pre_templates, templates.templates)
+
+
+def attribute_caption(face: world.Face, rng: np.random.Generator, templates: Templates) -> str:
+    """'[PRE] FIRST [TEMPLATE][, REST]': the shape of an attributes-mode neutral prompt (data/prompts.py)."""
+    first, _, rest = face.description(rng).partition(", ")
+    pre = templates.pre_templates[rng.integers(len(templates.pre_templates))]
+    template = f" {templates.templates[rng.integers(len(templates.templates))]}" if rng.random() < 0.5 else ""
+    return f"{pre}{first}{template}" + (f", {rest}" if rest else "")
+
+
+def caption(sample: world.Sample, rng: np.random.Generator, templates: Templates) -> str:
+    if sample.scene is not None:
+        return sample.scene.caption()
+    if sample.identity == world.OTHER:
+        return attribute_caption(sample.face, rng, templates)
+    return named_caption(world.NAMES[sample.identity], int(rng.integers(1 << 30)), 0, templates)
