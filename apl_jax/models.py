@@ -93,8 +93,8 @@ class FrozenSD:
     def predict_noise(self, unet_params, latents: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
         return self.unet.apply({"params": unet_params}, latents, timesteps, context).sample
 
-    def save(self, folder: str | Path, weights: str = "flax") -> None:
-        save_model(self, folder, weights)
+    def save(self, folder: str | Path, weights: str = "flax", dtype: str = "float32") -> None:
+        save_model(self, folder, weights, dtype)
 
 
 def _replace_token_table(text_params, table):
@@ -138,7 +138,7 @@ SD1_SCHEDULER = {
 }
 
 
-def _random_model(text: dict, unet: dict, vae: dict, dtype: str) -> FrozenSD:
+def random_model(text: dict, unet: dict, vae: dict, dtype: str) -> FrozenSD:
     """Random SD-1.x-shaped weights, deterministic (seed 0), initialised under jax.jit."""
     text_config = CLIPTextConfig(
         vocab_size=49408, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
@@ -163,7 +163,7 @@ def _random_model(text: dict, unet: dict, vae: dict, dtype: str) -> FrozenSD:
 @functools.lru_cache(maxsize=2)
 def tiny_random(dtype: str = "float32") -> FrozenSD:
     """For tests: CLIP width 32, UNet (32, 64), a 3-block VAE; 32 px images, 8x8x4 latents."""
-    return _random_model(
+    return random_model(
         text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
         unet=dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8,
                   cross_attention_dim=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -176,7 +176,7 @@ def tiny_random(dtype: str = "float32") -> FrozenSD:
 
 def sd15_random(dtype: str = "float32") -> FrozenSD:
     """Stable Diffusion 1.5's exact shapes (860M-parameter UNet, CLIP ViT-L/14 text) with random weights: for benchmarks."""
-    return _random_model(
+    return random_model(
         text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                   projection_dim=768),
         unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
@@ -189,7 +189,19 @@ def sd15_random(dtype: str = "float32") -> FrozenSD:
     )
 
 
-PRESETS = {"tiny-random": tiny_random, "sd15-random": sd15_random}
+def _apl_mini(dtype: str = "float32") -> FrozenSD:
+    from apl_jax.mini import presets  # the shipped weights of APL-mini (apl_jax/mini/weights)
+
+    return presets.apl_mini(dtype)
+
+
+def _apl_mini_ft(dtype: str = "float32") -> FrozenSD:
+    from apl_jax.mini import presets
+
+    return presets.apl_mini_ft(dtype)
+
+
+PRESETS = {"tiny-random": tiny_random, "sd15-random": sd15_random, "apl-mini": _apl_mini, "apl-mini-ft": _apl_mini_ft}
 
 
 # ---------------------------------------------------------------- loading
@@ -265,10 +277,13 @@ def load_model(path: str | Path, dtype: str = "float32") -> FrozenSD:
 
 # ---------------------------------------------------------------- saving
 
-def save_model(model: FrozenSD, folder: str | Path, weights: str = "flax") -> None:
-    """Write a diffusers-format folder; weights "flax" (msgpack) or "pt" (PyTorch-named safetensors)."""
+def save_model(model: FrozenSD, folder: str | Path, weights: str = "flax", dtype: str = "float32") -> None:
+    """Write a diffusers-format folder; weights "flax" (msgpack) or "pt" (PyTorch-named safetensors),
+    stored as float32 or float16 (half the size; loading casts to model.dtype either way)."""
     if weights not in ("flax", "pt"):
         raise UserError(f"weights must be 'flax' or 'pt', got {weights!r}")
+    if dtype not in ("float32", "float16"):
+        raise UserError(f"saved weights dtype must be 'float32' or 'float16', got {dtype!r}")
     folder = Path(folder)
     model.tokenizer.save_pretrained(folder / "tokenizer")
     model.text_config.save_pretrained(folder / "text_encoder")
@@ -276,7 +291,7 @@ def save_model(model: FrozenSD, folder: str | Path, weights: str = "flax") -> No
     components = {"text_encoder": None, "unet": model.unet, "vae": model.vae}
     for name, module in components.items():
         sub = folder / name
-        params = _cast(model.params[name], jnp.float32)
+        params = _cast(model.params[name], jnp.dtype(dtype))
         if module is not None:
             module.save_config(sub)
             if weights == "pt":  # so diffusers' PyTorch classes can read the config too

@@ -1,0 +1,91 @@
+"""APL-mini: python -m apl_jax.mini build | eval | data (see each command's --help)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from apl_jax.errors import UserError
+
+
+def _build(args) -> int:
+    from apl_jax.mini.build import STAGES, BuildConfig, build
+
+    config = BuildConfig.toy() if args.toy else BuildConfig()
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        fields = {f.name: f for f in dataclasses.fields(BuildConfig)}
+        if key not in fields:
+            raise UserError(f"unknown build setting {key!r}; known: {', '.join(fields)}")
+        overrides[key] = type(getattr(config, key))(value)
+    config = dataclasses.replace(config, **overrides)
+    stages = tuple(args.stages.split(",")) if args.stages else STAGES
+    if unknown := set(stages) - set(STAGES):
+        raise UserError(f"unknown stages {sorted(unknown)}; stages are {', '.join(STAGES)}")
+    build(args.out, args.work, config, stages)
+    return 0
+
+
+def print_report(report: dict, out: Path) -> None:
+    from apl_jax.mini.evaluate import markdown
+
+    print(markdown(report, report["settings"]))
+    print(f"wrote {out / 'report.md'}, report.json, chart.png and grid.png")
+
+
+def _eval(args) -> int:
+    from apl_jax.cli import sampler_config
+    from apl_jax.mini.evaluate import run
+
+    if args.num_images < 1:
+        raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+    if args.batch_size is None:
+        args.batch_size = 64  # one device: whole batches, not one image per call
+    out = args.out or Path("runs") / "mini-eval" / f"{args.model}-{Path(args.prefix).stem}"
+    print_report(run(args.model, args.prefix, out, args.num_images, args.seed, sampler_config(args)), out)
+    return 0
+
+
+def _data(args) -> int:
+    from apl_jax.mini.data import prepare
+    from apl_jax.models import load_model
+
+    identities, generic = prepare(args.out, load_model(args.model), args.model, args.seed)
+    print(f"identity set: {identities}\ngeneric images: {generic}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from apl_jax.cli import add_sampler_args, enable_compilation_cache
+    from apl_jax.mini.presets import WEIGHTS_DIR
+
+    parser = argparse.ArgumentParser(prog="python -m apl_jax.mini", description=__doc__.split(":")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="train the APL-mini base model, apl-mini-ft and the recognizer")
+    build.add_argument("--out", type=Path, default=WEIGHTS_DIR, help=f"weights folder (default {WEIGHTS_DIR})")
+    build.add_argument("--work", type=Path, default=Path.home() / ".cache" / "apl_jax" / "mini-build",
+                       help="intermediate results and checkpoints; a rerun resumes from them")
+    build.add_argument("--stages", help="comma-separated subset of vae,base,ft,recognizer (default all)")
+    build.add_argument("--toy", action="store_true", help="a few steps of each stage (a smoke test)")
+    build.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a BuildConfig field")
+    evaluate = commands.add_parser("eval", help="ID accuracy/score, face rate and generic fidelity of a prefix")
+    add_sampler_args(evaluate)
+    evaluate.set_defaults(model="apl-mini")
+    evaluate.add_argument("--prefix", required=True, help="a prefix file in any format we export, or a training workdir")
+    evaluate.add_argument("--num-images", type=int, default=32, help="per name and prompt kind (default 32)")
+    evaluate.add_argument("--out", type=Path, help="report folder (default runs/mini-eval/<model>-<prefix name>)")
+    data = commands.add_parser("data", help="make the APL training data (identity set + generic renders)")
+    data.add_argument("--model", default="apl-mini")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--out", type=Path, default=Path("~/.cache/apl_jax/datasets"))
+    args = parser.parse_args(argv)
+    enable_compilation_cache()
+    return {"build": _build, "eval": _eval, "data": _data}[args.command](args)
+
+
+if __name__ == "__main__":
+    from apl_jax.cli import run_main
+
+    run_main(main)

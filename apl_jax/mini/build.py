@@ -1,0 +1,262 @@
+"""Train APL-mini's base model from scratch: VAE, then CLIP text encoder + UNet together, then apl-mini-ft.
+
+Every stage is seeded and writes its result under the work folder before the next
+starts; a rerun skips finished stages and resumes the diffusion stages from their
+last orbax checkpoint, so an interrupted build loses at most `checkpoint_every` steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from diffusers import FlaxAutoencoderKL
+from tqdm import tqdm
+
+from apl_jax import objective
+from apl_jax.data.prompts import Templates
+from apl_jax.mini import captions, world
+from apl_jax.models import FrozenSD, random_model
+from apl_jax.tokenizer import tokenize
+
+log = logging.getLogger(__name__)
+
+# SD-1.x-shaped, small: CLIP width 64 with the real tokenizer, UNet (32, 64), a 3-block VAE
+# (32 px images -> 8x8x4 latents). Sized so the build fits an hour on two CPU cores and
+# the float16 weights stay under 15 MB (the 49408-row token table is most of them).
+TEXT = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, projection_dim=64)
+UNET = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8,
+            cross_attention_dim=64, down_block_types=("CrossAttnDownBlock2D",) * 2,
+            up_block_types=("CrossAttnUpBlock2D",) * 2)
+VAE = dict(block_out_channels=(16, 32, 32), layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 3,
+           up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8, sample_size=world.SIZE)
+# Shares of the base model's training images; the empty caption is its CFG "unconditional".
+BASE_MIX = {"named": 0.45, "anonymous": 0.3, "scene": 0.25}
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    seed: int = 0
+    pool_size: int = 40_000  # renders the base model trains on (each with CAPTIONS_PER_IMAGE captions)
+    vae_steps: int = 5_000
+    vae_batch: int = 32
+    sd_steps: int = 9_000
+    sd_batch: int = 32
+    sd_learning_rate: float = 1e-3
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    ft_pool_size: int = 4_000
+    ft_steps: int = 400
+    ft_learning_rate: float = 2e-4
+    recognizer_steps: int = 3_000
+    checkpoint_every: int = 500
+
+    @classmethod
+    def toy(cls) -> "BuildConfig":
+        """A few steps of everything: for tests of the machinery, not of the results."""
+        return cls(pool_size=96, vae_steps=3, vae_batch=8, sd_steps=4, sd_batch=8, ft_pool_size=32, ft_steps=2,
+                   recognizer_steps=3, checkpoint_every=2)
+
+
+CAPTIONS_PER_IMAGE = 4
+
+
+@dataclasses.dataclass
+class Pool:
+    images: np.ndarray  # uint8 [N, SIZE, SIZE, 3]
+    caption_ids: np.ndarray  # int32 [N, CAPTIONS_PER_IMAGE, 77]
+
+
+def render_pool(size: int, seed: int, style: world.Style, tokenizer, templates: Templates, what: str,
+                cache: Path | None = None) -> Pool:
+    """`size` captioned renders of the BASE_MIX, seeded; kept in `cache` (an .npz) when given."""
+    if cache is not None and cache.is_file():
+        with np.load(cache) as saved:
+            return Pool(saved["images"], saved["caption_ids"])
+    rng = np.random.default_rng([seed, size])
+    samples = world.mixture(rng, BASE_MIX, style)
+    images, texts = [], []
+    for _ in tqdm(range(size), desc=f"render {what}", unit="img", mininterval=2):
+        s = next(samples)
+        images.append(s.image)
+        texts.extend(captions.caption(s, rng, templates) for _ in range(CAPTIONS_PER_IMAGE))
+    unique, where = np.unique(texts, return_inverse=True)  # the slow tokenizer sees each text once
+    ids = tokenize(tokenizer, list(unique))[where].reshape(size, CAPTIONS_PER_IMAGE, -1)
+    pool = Pool(np.stack(images), ids)
+    if cache is not None:
+        with open(cache.with_suffix(".tmp"), "wb") as f:
+            np.savez(f, images=pool.images, caption_ids=pool.caption_ids)
+        cache.with_suffix(".tmp").replace(cache)
+    return pool
+
+
+def warmup_cosine(peak: float, steps: int, final: float) -> optax.Schedule:
+    """Linear warm-up over the first tenth (at most 300 steps), then cosine decay to `final`."""
+    return optax.warmup_cosine_decay_schedule(0, peak, min(300, steps // 10 + 1), max(steps, 2), final)
+
+
+def initial_model() -> FrozenSD:
+    return random_model(TEXT, UNET, VAE, "float32")
+
+
+# ---------------------------------------------------------------- VAE
+
+def train_vae(model: FrozenSD, images: np.ndarray, config: BuildConfig) -> FrozenSD:
+    """Reconstruction (L1 + L2) with a light KL; then the latent scaling that gives latents unit variance."""
+    vae = model.vae
+    optimizer = optax.adam(warmup_cosine(2e-3, config.vae_steps, 1e-4))
+
+    def loss_fn(params, pixels, key):
+        x = jnp.transpose(pixels.astype(jnp.float32) / 127.5 - 1, (0, 3, 1, 2))
+        posterior = vae.apply({"params": params}, x, method=vae.encode).latent_dist
+        recon = vae.apply({"params": params}, posterior.sample(key), method=vae.decode).sample
+        error = recon - x
+        return jnp.mean(jnp.abs(error)) + jnp.mean(error**2) + 1e-6 * jnp.mean(posterior.kl())
+
+    @jax.jit
+    def step(params, opt_state, pixels, key):
+        loss, grads = jax.value_and_grad(loss_fn)(params, pixels, key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    params = model.params["vae"]
+    opt_state = optimizer.init(params)
+    rng = np.random.default_rng([config.seed, 1])
+    key = jax.random.PRNGKey(config.seed)
+    with tqdm(range(config.vae_steps), desc="VAE", unit="step", mininterval=2) as bar:
+        for i in bar:
+            batch = images[rng.integers(len(images), size=config.vae_batch)]
+            params, opt_state, loss = step(params, opt_state, batch, jax.random.fold_in(key, i))
+            if i % 50 == 0:
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+    model = dataclasses.replace(model, params={**model.params, "vae": params})
+    mean, _ = encode_pool(model, images[:2048])
+    scaling = float(1.0 / np.std(mean))
+    log.info("VAE: final loss %.4f, latent scaling factor %.4f", float(loss), scaling)
+    # Without the private keys: diffusers resets every key named in "_use_default_values".
+    config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+    vae = FlaxAutoencoderKL.from_config({**config, "scaling_factor": scaling}, dtype=model.dtype)
+    return dataclasses.replace(model, vae=vae)
+
+
+def encode_pool(model: FrozenSD, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    encode = jax.jit(lambda p, x: objective.encode_posterior(model, p, x))
+    parts = [jax.device_get(encode(model.params["vae"], images[i : i + batch])) for i in range(0, len(images), batch)]
+    return np.concatenate([m for m, _ in parts]), np.concatenate([s for _, s in parts])
+
+
+# ---------------------------------------------------------------- diffusion
+
+def diffusion_loss_fn(model: FrozenSD, trainable: tuple[str, ...]) -> Callable:
+    """The SD training loss (epsilon prediction) over the components named in `trainable`."""
+
+    def loss_fn(train_params, frozen, mean, std, ids, key):
+        params = {**frozen, **train_params}
+        k_post, k_t, k_eps = jax.random.split(key, 3)
+        z0 = objective.sample_latents(model, mean, std, jax.random.normal(k_post, mean.shape))
+        t = jax.random.randint(k_t, (z0.shape[0],), 0, model.scheduler.config.num_train_timesteps)
+        eps = jax.random.normal(k_eps, z0.shape)
+        z_t = model.scheduler.add_noise(params["scheduler"], z0, eps, t)
+        context = model.encode_text(params["text_encoder"], ids)
+        return jnp.mean((model.predict_noise(params["unet"], z_t, t, context) - eps) ** 2)
+
+    return loss_fn
+
+
+def train_diffusion(model: FrozenSD, pool: Pool, config: BuildConfig, *, trainable: tuple[str, ...], steps: int,
+                    learning_rate: float, checkpoints: Path, what: str, empty_ids: np.ndarray) -> FrozenSD:
+    """Train `trainable` params on the pool; returns the model with their EMA. Resumes from `checkpoints`."""
+    mean, std = encode_pool(model, pool.images)
+    loss_fn = diffusion_loss_fn(model, trainable)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(warmup_cosine(learning_rate, steps,
+                                                                                     learning_rate / 10)))
+    frozen = {k: v for k, v in model.params.items() if k not in trainable}
+    train_params = {k: model.params[k] for k in trainable}
+    state = {"params": train_params, "ema": train_params, "opt": optimizer.init(train_params),
+             "step": jnp.zeros((), jnp.int32)}
+
+    @jax.jit
+    def step_fn(state, frozen, mean, std, ids, key):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], frozen, mean, std, ids, key)
+        updates, opt = optimizer.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ema = optax.incremental_update(params, state["ema"], 1 - config.ema_decay)
+        return {"params": params, "ema": ema, "opt": opt, "step": state["step"] + 1}, loss
+
+    manager = ocp.CheckpointManager(checkpoints.resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=1))
+    start = manager.latest_step() or 0
+    if start:
+        state = manager.restore(start, args=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                                                                                   state)))
+        log.info("%s: resumed at step %d", what, start)
+    key = jax.random.PRNGKey(config.seed)
+    batch = config.sd_batch
+    compile_start = time.perf_counter()
+    with tqdm(range(start, steps), desc=what, unit="step", initial=start, total=steps, mininterval=2) as bar:
+        for i in bar:
+            # Batch i is a pure function of (seed, i): a resumed build sees the same batches.
+            rng = np.random.default_rng([config.seed, 2, i])
+            index = rng.integers(len(pool.images), size=batch)
+            ids = pool.caption_ids[index, rng.integers(CAPTIONS_PER_IMAGE, size=batch)]
+            ids = np.where(rng.random((batch, 1)) < config.caption_dropout, empty_ids, ids)
+            state, loss = step_fn(state, frozen, mean[index], std[index], ids, jax.random.fold_in(key, i))
+            if i == start:
+                log.info("%s: step compiled in %.1f s", what, time.perf_counter() - compile_start)
+            if i % 50 == 0:
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+            if (i + 1) % config.checkpoint_every == 0 or i + 1 == steps:
+                manager.save(i + 1, args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+    return dataclasses.replace(model, params={**model.params, **state["ema"]})
+
+
+# ---------------------------------------------------------------- the whole build
+
+STAGES = ("vae", "base", "ft", "recognizer")
+
+
+def build(out: Path, work: Path, config: BuildConfig, stages: tuple[str, ...] = STAGES) -> None:
+    """Write out/apl-mini (diffusers folder), out/apl-mini-ft (its UNet), out/recognizer.msgpack, out/MANIFEST.json."""
+    from apl_jax.generate_identities import DEFAULT_TEMPLATES
+    from apl_jax.mini import presets, recognizer
+    from apl_jax.models import load_model, save_model
+    from apl_jax.tokenizer import load_tokenizer
+
+    out, work = Path(out), Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer, templates = load_tokenizer(), Templates.load(DEFAULT_TEMPLATES)
+    empty_ids = tokenize(tokenizer, [""])
+    started = time.perf_counter()
+
+    base_pool = work / "base-pool.npz"
+    after_vae = work / "after-vae"
+    if "vae" in stages and not (after_vae / "model_index.json").is_file():
+        pool = render_pool(config.pool_size, config.seed, world.PLAIN, tokenizer, templates, "base pool", base_pool)
+        save_model(train_vae(initial_model(), pool.images, config), after_vae)
+    base_dir = out / presets.BASE
+    if "base" in stages and not (base_dir / "model_index.json").is_file():
+        pool = render_pool(config.pool_size, config.seed, world.PLAIN, tokenizer, templates, "base pool", base_pool)
+        model = train_diffusion(load_model(after_vae), pool, config, trainable=("text_encoder", "unet"),
+                                steps=config.sd_steps, learning_rate=config.sd_learning_rate,
+                                checkpoints=work / "base-checkpoints", what="text encoder + UNet",
+                                empty_ids=empty_ids)
+        save_model(model, base_dir, dtype="float16")
+    ft_dir = out / presets.FINE_TUNED
+    if "ft" in stages and not (ft_dir / "unet" / presets.UNET_FILE).is_file():
+        pool = render_pool(config.ft_pool_size, config.seed + 1, world.SHIFTED, tokenizer, templates, "shifted pool")
+        model = train_diffusion(load_model(base_dir), pool, config, trainable=("unet",), steps=config.ft_steps,
+                                learning_rate=config.ft_learning_rate, checkpoints=work / "ft-checkpoints",
+                                what="fine-tune UNet (shifted style)", empty_ids=empty_ids)
+        presets.save_unet(model, ft_dir)
+    if "recognizer" in stages and not (out / presets.RECOGNIZER_FILE).is_file():
+        presets.save_recognizer(recognizer.train(config.recognizer_steps, config.seed), out)
+    presets.write_manifest(out)
+    log.info("build finished in %.1f min", (time.perf_counter() - started) / 60)
