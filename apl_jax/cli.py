@@ -10,7 +10,7 @@ from pathlib import Path
 
 from apl_jax.errors import UserError
 
-DEFAULT_CONFIG = "configs/tiny.yaml"
+DEFAULT_CONFIG = "configs/mini.yaml"  # APL-mini: train, then the compare grid and the evaluation
 
 
 def enable_compilation_cache() -> None:
@@ -59,6 +59,14 @@ def _train(argv) -> int:
         return 143
     if result.prefix_file is not None:
         print(f"prefix written to {result.prefix_file} (diffusers textual inversion, token <{config.prefix.placeholder}>)")
+        if config.eval.mini:
+            from apl_jax.mini.evaluate import run
+            from apl_jax.mini.__main__ import print_report
+            from apl_jax.sampling import SamplerConfig
+
+            report = run(config.model.path, str(result.prefix_file), workdir / "eval", config.eval.num_images,
+                         config.train.seed, SamplerConfig(batch_size=64))
+            print_report(report, workdir / "eval")
     return 0
 
 

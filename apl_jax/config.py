@@ -48,7 +48,9 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic (in-memory stand-in, no files) | folders (identity_dir + caption_dir)
+    # synthetic (in-memory stand-in, no files) | folders (identity_dir + caption_dir) | mini (APL-mini's
+    # identity set, drawn by model.path on first use, and generic renders; kept under cache_dir)
+    source: str = "synthetic"
     identity_dir: str | None = None  # face images + manifest, or <Name>-<idx>.png files (source folders)
     caption_dir: str | None = None  # images + captions.jsonl or prompts.txt (source folders)
     identity_prob: float = 0.5  # chance that an example is an identity one, else generic
@@ -59,6 +61,16 @@ class DataConfig:
     loader_threads: int = 8  # decode + tokenize threads of the folders loader
     synthetic_names: int = 8
     synthetic_captions: int = 16
+    mini_per_name: int = 64  # source mini: identity images per training name, drawn by the base model
+    mini_generic: int = 1024  # source mini: captioned generic renders (scenes, anonymous faces)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    # After training: the compare grid and `python -m apl_jax.mini eval` on the new prefix
+    # (APL-mini models only: the recognizer knows APL-mini's cast)
+    mini: bool = False
+    num_images: int = 32  # per name and prompt kind, per condition
 
 
 @dataclasses.dataclass
@@ -76,6 +88,7 @@ class Config:
     prefix: PrefixConfig = dataclasses.field(default_factory=PrefixConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, Any]:

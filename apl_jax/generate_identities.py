@@ -54,10 +54,14 @@ def file_name(name: str, k: int) -> str:
     return f"{name}-{k}.png"
 
 
-def generate(sampler, names: list[str], per_name: int, out: Path, seed: int, templates_file: Path) -> int:
-    """Render what is missing; returns how many images were written."""
+def generate(sampler, names: list[str], per_name: int, out: Path, seed: int, templates_file: Path,
+             negative_prompt: str | None = None) -> int:
+    """Render what is missing; returns how many images were written.
+
+    negative_prompt: None takes the templates file's generation_negative_prompt.
+    """
     values = yaml.safe_load(Path(templates_file).read_text())
-    negative = values.get("generation_negative_prompt", "")
+    negative = values.get("generation_negative_prompt", "") if negative_prompt is None else negative_prompt
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(n, i, k) for i, n in enumerate(names) for k in range(per_name) if not (out / file_name(n, k)).exists()]
     with tqdm(total=len(jobs), desc="identities", unit="img") as bar:

@@ -1,0 +1,66 @@
+"""APL training data for APL-mini, made as the official pipeline makes it.
+
+- identities/: the 16 training names drawn by the base model itself, with the identity-set
+  generation command's code (generate_identities), plus each name's trait description in
+  the manifest (for data.neutral_mode=attributes);
+- generic/: captioned renders of scenes and anonymous faces (captions.jsonl).
+Both then go through the tfds builders like any user's folders. A finished folder is
+kept (keyed by model, sizes and seed), and an interrupted one resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from apl_jax.data.prompts import Templates
+from apl_jax.generate_identities import DEFAULT_TEMPLATES, generate
+from apl_jax.mini import captions, world
+
+IDENTITIES_PER_NAME = 64
+GENERIC_IMAGES = 1024
+GENERIC_MIX = {"scene": 0.5, "anonymous": 0.5}
+
+
+def render_generic(out: Path, count: int, seed: int, templates: Templates) -> None:
+    """count renders (scenes and anonymous faces) with their captions; skips a finished folder."""
+    if (out / "captions.jsonl").is_file():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 8])
+    samples = world.mixture(rng, GENERIC_MIX)
+    lines = []
+    for i in tqdm(range(count), desc="generic renders", unit="img", mininterval=2):
+        s = next(samples)
+        Image.fromarray(s.image).save(out / f"{i:05d}.png")
+        lines.append(json.dumps({"file": f"{i:05d}.png", "caption": captions.caption(s, rng, templates)}))
+    tmp = out / "captions.jsonl.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out / "captions.jsonl")  # written last: its presence means the folder is complete
+
+
+def prepare(root: Path, model, model_name: str, seed: int = 0, per_name: int = IDENTITIES_PER_NAME,
+            generic: int = GENERIC_IMAGES) -> tuple[Path, Path]:
+    """(identity_dir, caption_dir) under root, made on first use."""
+    from apl_jax.sampling import Sampler, SamplerConfig
+
+    key = hashlib.sha256(json.dumps([model_name, per_name, generic, seed]).encode()).hexdigest()[:12]
+    folder = Path(root).expanduser() / f"apl-mini-data-{key}"
+    templates = Templates.load(DEFAULT_TEMPLATES)
+    identities, generic_dir = folder / "identities", folder / "generic"
+    manifest = identities / "manifest.json"
+    if not manifest.is_file() or "attributes" not in json.loads(manifest.read_text()):
+        sampler = Sampler(model, SamplerConfig(batch_size=64))
+        # No negative prompt: the official one is SD vocabulary this model never saw, so it would be noise.
+        generate(sampler, list(world.TRAIN_NAMES), per_name, identities, seed, Path(DEFAULT_TEMPLATES),
+                 negative_prompt="")
+        values = json.loads(manifest.read_text())
+        values["attributes"] = {n: world.cast()[n].description() for n in world.TRAIN_NAMES}
+        manifest.write_text(json.dumps(values, indent=1))
+    render_generic(generic_dir, generic, seed, templates)
+    return identities, generic_dir
