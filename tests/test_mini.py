@@ -1,0 +1,174 @@
+"""APL-mini: the renderer, the build machinery (toy size), the shipped weights, the recognizer, the metrics."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from apl_jax.errors import UserError
+from apl_jax.mini import evaluate, presets, recognizer, world
+
+
+# ---------------------------------------------------------------- world
+
+def test_renders_are_deterministic_by_seed():
+    face = world.cast()[world.NAMES[3]]
+    a, b, c = world.render_face(face, 7), world.render_face(face, 7), world.render_face(face, 8)
+    assert a.shape == (world.SIZE, world.SIZE, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    scene = world.Scene("star", "red", "blue")
+    assert np.array_equal(world.render_scene(scene, 1), world.render_scene(scene, 1))
+    assert np.array_equal(world.render_face(face, 3, world.SHIFTED), world.render_face(face, 3, world.SHIFTED))
+    assert not np.array_equal(world.render_face(face, 3, world.SHIFTED), world.render_face(face, 3))
+
+
+def test_cast_is_distinct_and_anonymous_faces_are_nobody():
+    cast = world.cast()
+    assert list(cast) == list(world.NAMES) and len(world.TRAIN_NAMES) == 16 and len(world.HELDOUT_NAMES) == 8
+    faces = list(cast.values())
+    assert min(a.distance(b) for i, a in enumerate(faces) for b in faces[i + 1 :]) >= world.MIN_NAMED_DISTANCE
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        anon = world.anonymous_face(rng)
+        assert min(anon.distance(f) for f in faces) >= world.MIN_ANON_DISTANCE
+    assert [f.sex for f in faces[:4]] == ["woman", "man", "woman", "man"]
+
+
+def test_captions():
+    from apl_jax.data.prompts import Templates
+    from apl_jax.mini import captions
+
+    templates = Templates.load("configs/data/templates.yaml")
+    face = world.Face("woman", "oval", "tan", "red", "long", "blue", True, False)
+    assert face.description() == "a woman with red hair, wearing glasses, long hair, tan skin, oval face, blue eyes"
+    rng = np.random.default_rng(0)
+    text = captions.attribute_caption(face, rng, templates)
+    assert "a woman with red hair" in text
+    assert world.Scene("star", "red", "blue").caption() == "a red star on a blue background"
+    assert captions.named_caption("Orla Venhart", 0, 0, templates).count("Orla Venhart") == 1
+
+
+# ---------------------------------------------------------------- build (toy size)
+
+@pytest.fixture(scope="module")
+def toy_build(tmp_path_factory):
+    from apl_jax.mini.build import BuildConfig, build
+
+    out, work = tmp_path_factory.mktemp("weights"), tmp_path_factory.mktemp("work")
+    build(out, work, BuildConfig.toy())
+    return out, work
+
+
+def test_toy_build_writes_loadable_weights(toy_build):
+    from apl_jax.models import load_model
+
+    out, _ = toy_build
+    presets.verify(out)
+    model = load_model(out / presets.BASE)
+    assert model.text_width == 64 and model.vae_scale_factor == 4
+    assert model.unet.config.sample_size * model.vae_scale_factor == world.SIZE
+    assert model.params["unet"]["conv_in"]["kernel"].dtype == np.float32  # stored float16, loaded as asked
+    ft = presets.apl_mini_ft("float32", out)
+    assert not np.allclose(ft.params["unet"]["conv_in"]["kernel"], model.params["unet"]["conv_in"]["kernel"])
+    assert np.array_equal(ft.params["vae"]["decoder"]["conv_out"]["kernel"], model.params["vae"]["decoder"]["conv_out"]["kernel"])
+    manifest = json.loads((out / presets.MANIFEST).read_text())["sha256"]
+    assert "apl-mini/unet/diffusion_flax_model.msgpack" in manifest and presets.RECOGNIZER_FILE in manifest
+
+
+def test_toy_build_rerun_keeps_finished_stages(toy_build):
+    from apl_jax.mini.build import BuildConfig, build
+
+    out, work = toy_build
+    before = (out / presets.MANIFEST).read_text()
+    build(out, work, BuildConfig.toy())  # every stage is done: nothing retrains, same hashes
+    assert (out / presets.MANIFEST).read_text() == before
+
+
+def test_damaged_weights_are_refused(toy_build, tmp_path):
+    out, _ = toy_build
+    copy = tmp_path / "weights"
+    shutil.copytree(out, copy)
+    target = copy / presets.BASE / "unet" / presets.UNET_FILE
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 1
+    target.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="does not match its sha256"):
+        presets.verify(copy)
+    target.unlink()
+    with pytest.raises(UserError, match="is missing"):
+        presets.verify(copy)
+    with pytest.raises(UserError, match="has no MANIFEST.json"):
+        presets.verify(tmp_path)
+
+
+# ---------------------------------------------------------------- shipped weights
+
+def test_shipped_preset_loads_and_matches_its_hashes():
+    from apl_jax.models import load_model
+
+    presets.verify()  # every shipped file against MANIFEST.json
+    model = load_model("apl-mini")
+    assert model.text_width == 64 and model.tokenizer("alz").input_ids[1] == 41128
+    size = sum(p.stat().st_size for p in (presets.WEIGHTS_DIR / presets.BASE).rglob("*") if p.is_file())
+    assert size <= 15 * 2**20
+
+
+@pytest.fixture(scope="module")
+def shipped_recognizer():
+    return presets.load_recognizer()
+
+
+def test_recognizer_accuracy_on_fresh_renders(shipped_recognizer):
+    acc = recognizer.accuracy(shipped_recognizer, size=1000, seed=777)
+    assert acc.identity >= 0.98 and acc.face >= 0.98 and acc.scene >= 0.98, acc
+
+
+# ---------------------------------------------------------------- metrics on hand-made image sets
+
+def test_real_renders_of_a_name_score_as_that_name(shipped_recognizer):
+    references = evaluate.reference_embeddings(shipped_recognizer, world.NAMES[:2], renders=16)
+    name = world.NAMES[0]
+    images = np.stack([world.render_face(world.cast()[name], [99, k]) for k in range(16)])
+    pred = recognizer.classify(shipped_recognizer, images)
+    own = evaluate.score_identities(pred, name, references[0])
+    assert own["accuracy"] >= 0.9 and own["face_rate"] == 1.0 and own["trait_keep"] >= 0.9
+    assert own["id_score"]["mean"] > 0.8 and own["id_score"]["faces"] == 16
+    other = evaluate.score_identities(pred, world.NAMES[1], references[1])
+    assert other["accuracy"] == 0.0 and other["id_score"]["mean"] < own["id_score"]["mean"] - 0.2
+
+
+def test_scenes_are_no_faces_and_score_by_prompt(shipped_recognizer):
+    scenes = evaluate.scene_set(16)
+    images = np.stack([world.render_scene(s, [5, i]) for i, s in enumerate(scenes)])
+    pred = recognizer.classify(shipped_recognizer, images)
+    assert evaluate.score_scenes(pred, scenes) >= 0.9
+    assert evaluate.score_scenes(pred, scenes[1:] + scenes[:1]) <= 0.2  # wrong prompts for the same images
+    name = world.NAMES[0]
+    as_faces = evaluate.score_identities(pred, name, np.eye(recognizer.EMBEDDING)[0])
+    assert as_faces["face_rate"] == 0.0 and as_faces["id_score"]["faces"] == 0 and as_faces["id_score"]["mean"] == 0.0
+
+
+def test_frechet_distance():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 4))
+    assert evaluate.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shifted = evaluate.frechet_distance(a, a + np.array([2.0, 0, 0, 0]))
+    assert shifted == pytest.approx(4.0, rel=1e-6)  # |mu_a - mu_b|^2, same covariance
+    assert evaluate.frechet_distance(a, 3 * a) == pytest.approx(np.trace(np.cov(a, rowvar=False)) * 4, rel=0.02)
+
+
+def test_targets_follow_the_issue():
+    def group(plain, prefix):
+        row = {"accuracy": 0, "id_score_mean": 0, "id_score_max": 0, "face_rate": 0.95, "trait_keep": 0.85}
+        return {"plain": {**row, "accuracy": plain}, "prefix": {**row, "accuracy": prefix}}
+
+    report = {"groups": {"train": group(0.9, 0.08), "heldout": group(0.85, 0.2)},
+              "generic": {"plain": 0.8, "prefix": 0.77}}
+    met = {t["target"]: t["met"] for t in evaluate.targets(report)}
+    assert met == {
+        "base ID accuracy (train) >= 0.80": True, "base ID accuracy (heldout) >= 0.80": True,
+        "prefix ID accuracy (train) <= base/10": True, "prefix ID accuracy (heldout) <= base/5": False,
+        "face rate with prefix >= 0.90": True, "generic accuracy with prefix >= 0.95 x without": True,
+        "traits kept with prefix >= 0.80 (attributes mode)": True,
+    }
