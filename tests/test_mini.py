@@ -172,3 +172,60 @@ def test_targets_follow_the_issue():
         "face rate with prefix >= 0.90": True, "generic accuracy with prefix >= 0.95 x without": True,
         "traits kept with prefix >= 0.80 (attributes mode)": True,
     }
+
+
+# ---------------------------------------------------------------- APL on apl-mini
+
+@pytest.fixture(scope="module")
+def short_apl(tmp_path_factory):
+    from apl_jax.config import load_config
+    from apl_jax.trainer import train
+    from conftest import REPO
+
+    workdir, cache = tmp_path_factory.mktemp("apl"), tmp_path_factory.mktemp("data")
+    config = load_config(REPO / "configs/mini.yaml", [
+        f"train.steps={SHORT_STEPS}", "train.checkpoint_every=1000", "data.mini_per_name=8", "data.mini_generic=64",
+        f"data.cache_dir={cache}", "eval.mini=false",
+    ])
+    assert train(config, workdir).step == SHORT_STEPS
+    return workdir, cache
+
+
+SHORT_STEPS = 150
+
+
+def test_mini_data_is_made_as_the_official_pipeline(short_apl):
+    _, cache = short_apl
+    (folder,) = cache.glob("apl-mini-data-*")
+    manifest = json.loads((folder / "identities" / "manifest.json").read_text())
+    assert len(manifest["images"]) == 16 * 8 and set(manifest["images"].values()) == set(world.TRAIN_NAMES)
+    assert manifest["attributes"]["Orla Venhart"] == world.cast()["Orla Venhart"].description()
+    lines = (folder / "generic" / "captions.jsonl").read_text().splitlines()
+    assert len(lines) == 64 and all((folder / "generic" / json.loads(line)["file"]).is_file() for line in lines)
+
+
+def test_short_apl_run_lowers_id_accuracy(short_apl, shipped_recognizer):
+    from apl_jax.export import load_prefix
+    from apl_jax.models import load_model
+    from apl_jax.sampling import Sampler, SamplerConfig
+
+    workdir, _ = short_apl
+    prefix = load_prefix(workdir / "prefix.safetensors")
+    sampler = Sampler(load_model("apl-mini"), SamplerConfig(batch_size=64), prefix.vectors, prefix.placeholder)
+    names = world.TRAIN_NAMES[:8]
+    prompts = [f"A close-up portrait of {n}" for n in names for _ in range(8)]
+    truth = np.repeat([world.NAMES.index(n) for n in names], 8)
+    seed = 4321  # not a seed training or the identity set used
+    plain = np.mean(recognizer.classify(shipped_recognizer, sampler(prompts, seed=seed))["identity"] == truth)
+    anonymized = np.mean(recognizer.classify(shipped_recognizer, sampler(prompts, seed=seed, with_prefix=True))["identity"] == truth)
+    assert plain >= 0.6 and anonymized <= plain - 0.3, (plain, anonymized)
+
+
+def test_train_py_defaults_to_apl_mini():
+    from apl_jax.cli import DEFAULT_CONFIG
+    from apl_jax.config import load_config
+    from conftest import REPO
+
+    config = load_config(REPO / DEFAULT_CONFIG)
+    assert DEFAULT_CONFIG == "configs/mini.yaml"
+    assert (config.model.path, config.data.source, config.eval.mini) == ("apl-mini", "mini", True)

@@ -1,4 +1,5 @@
-"""Train APL-mini's base model from scratch: VAE, then CLIP text encoder + UNet together, then apl-mini-ft.
+"""Train APL-mini's base model from scratch: VAE, then CLIP text encoder + UNet, then the same on captions
+behind filler words (so meaning does not hang on absolute token positions), then apl-mini-ft.
 
 Every stage is seeded and writes its result under the work folder before the next
 starts; a rerun skips finished stages and resumes the diffusion stages from their
@@ -48,9 +49,11 @@ class BuildConfig:
     pool_size: int = 40_000  # renders the base model trains on (each with CAPTIONS_PER_IMAGE captions)
     vae_steps: int = 5_000
     vae_batch: int = 32
-    sd_steps: int = 9_000
+    sd_steps: int = 12_000
     sd_batch: int = 32
     sd_learning_rate: float = 1e-3
+    shift_steps: int = 3_000  # then captions behind filler words (captions.with_filler)
+    shift_learning_rate: float = 3e-4
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     ft_pool_size: int = 4_000
@@ -62,8 +65,8 @@ class BuildConfig:
     @classmethod
     def toy(cls) -> "BuildConfig":
         """A few steps of everything: for tests of the machinery, not of the results."""
-        return cls(pool_size=96, vae_steps=3, vae_batch=8, sd_steps=4, sd_batch=8, ft_pool_size=32, ft_steps=2,
-                   recognizer_steps=3, checkpoint_every=2)
+        return cls(pool_size=96, vae_steps=3, vae_batch=8, sd_steps=4, sd_batch=8, shift_steps=2, ft_pool_size=32,
+                   ft_steps=2, recognizer_steps=3, checkpoint_every=2)
 
 
 CAPTIONS_PER_IMAGE = 4
@@ -76,8 +79,9 @@ class Pool:
 
 
 def render_pool(size: int, seed: int, style: world.Style, tokenizer, templates: Templates, what: str,
-                cache: Path | None = None) -> Pool:
-    """`size` captioned renders of the BASE_MIX, seeded; kept in `cache` (an .npz) when given."""
+                cache: Path | None = None, filler: bool = False) -> Pool:
+    """`size` captioned renders of the BASE_MIX, seeded; kept in `cache` (an .npz) when given.
+    filler: captions go through captions.with_filler."""
     if cache is not None and cache.is_file():
         with np.load(cache) as saved:
             return Pool(saved["images"], saved["caption_ids"])
@@ -87,7 +91,9 @@ def render_pool(size: int, seed: int, style: world.Style, tokenizer, templates: 
     for _ in tqdm(range(size), desc=f"render {what}", unit="img", mininterval=2):
         s = next(samples)
         images.append(s.image)
-        texts.extend(captions.caption(s, rng, templates) for _ in range(CAPTIONS_PER_IMAGE))
+        for _ in range(CAPTIONS_PER_IMAGE):
+            text = captions.caption(s, rng, templates)
+            texts.append(captions.with_filler(text, rng) if filler else text)
     unique, where = np.unique(texts, return_inverse=True)  # the slow tokenizer sees each text once
     ids = tokenize(tokenizer, list(unique))[where].reshape(size, CAPTIONS_PER_IMAGE, -1)
     pool = Pool(np.stack(images), ids)
@@ -145,6 +151,19 @@ def train_vae(model: FrozenSD, images: np.ndarray, config: BuildConfig) -> Froze
     config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
     vae = FlaxAutoencoderKL.from_config({**config, "scaling_factor": scaling}, dtype=model.dtype)
     return dataclasses.replace(model, vae=vae)
+
+
+def vae_roundtrip(model: FrozenSD, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """uint8 images -> their VAE reconstruction (posterior mean, decoded), uint8."""
+
+    @jax.jit
+    def roundtrip(params, pixels):
+        mean, _ = objective.encode_posterior(model, params, pixels)
+        decoded = model.vae.apply({"params": params}, mean, method=model.vae.decode).sample
+        return jnp.round(jnp.clip((jnp.transpose(decoded, (0, 2, 3, 1)) + 1) * 127.5, 0, 255)).astype(jnp.uint8)
+
+    parts = [np.asarray(roundtrip(model.params["vae"], images[i : i + batch])) for i in range(0, len(images), batch)]
+    return np.concatenate(parts) if parts else images
 
 
 def encode_pool(model: FrozenSD, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -220,7 +239,7 @@ def train_diffusion(model: FrozenSD, pool: Pool, config: BuildConfig, *, trainab
 
 # ---------------------------------------------------------------- the whole build
 
-STAGES = ("vae", "base", "ft", "recognizer")
+STAGES = ("vae", "base", "shift", "ft", "recognizer")
 
 
 def build(out: Path, work: Path, config: BuildConfig, stages: tuple[str, ...] = STAGES) -> None:
@@ -232,6 +251,7 @@ def build(out: Path, work: Path, config: BuildConfig, stages: tuple[str, ...] = 
 
     out, work = Path(out), Path(work)
     work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     tokenizer, templates = load_tokenizer(), Templates.load(DEFAULT_TEMPLATES)
     empty_ids = tokenize(tokenizer, [""])
     started = time.perf_counter()
@@ -241,12 +261,21 @@ def build(out: Path, work: Path, config: BuildConfig, stages: tuple[str, ...] = 
     if "vae" in stages and not (after_vae / "model_index.json").is_file():
         pool = render_pool(config.pool_size, config.seed, world.PLAIN, tokenizer, templates, "base pool", base_pool)
         save_model(train_vae(initial_model(), pool.images, config), after_vae)
-    base_dir = out / presets.BASE
-    if "base" in stages and not (base_dir / "model_index.json").is_file():
+    before_shift = work / "before-shift"
+    if "base" in stages and not (before_shift / "model_index.json").is_file():
         pool = render_pool(config.pool_size, config.seed, world.PLAIN, tokenizer, templates, "base pool", base_pool)
         model = train_diffusion(load_model(after_vae), pool, config, trainable=("text_encoder", "unet"),
                                 steps=config.sd_steps, learning_rate=config.sd_learning_rate,
                                 checkpoints=work / "base-checkpoints", what="text encoder + UNet",
+                                empty_ids=empty_ids)
+        save_model(model, before_shift)
+    base_dir = out / presets.BASE
+    if "shift" in stages and not (base_dir / "model_index.json").is_file():
+        pool = render_pool(config.pool_size, config.seed, world.PLAIN, tokenizer, templates, "shift pool",
+                           work / "shift-pool.npz", filler=True)
+        model = train_diffusion(load_model(before_shift), pool, config, trainable=("text_encoder", "unet"),
+                                steps=config.shift_steps, learning_rate=config.shift_learning_rate,
+                                checkpoints=work / "shift-checkpoints", what="filler captions",
                                 empty_ids=empty_ids)
         save_model(model, base_dir, dtype="float16")
     ft_dir = out / presets.FINE_TUNED
@@ -257,6 +286,9 @@ def build(out: Path, work: Path, config: BuildConfig, stages: tuple[str, ...] = 
                                 what="fine-tune UNet (shifted style)", empty_ids=empty_ids)
         presets.save_unet(model, ft_dir)
     if "recognizer" in stages and not (out / presets.RECOGNIZER_FILE).is_file():
-        presets.save_recognizer(recognizer.train(config.recognizer_steps, config.seed), out)
+        vae_model = load_model(after_vae)
+        params = recognizer.train(config.recognizer_steps, config.seed,
+                                  roundtrip=lambda images: vae_roundtrip(vae_model, images))
+        presets.save_recognizer(params, out)
     presets.write_manifest(out)
     log.info("build finished in %.1f min", (time.perf_counter() - started) / 60)

@@ -9,6 +9,9 @@ from apl_jax.generate_identities import identity_prompt
 from apl_jax.mini import world
 
 PORTRAIT_PROMPT = "A close-up portrait of {name}"
+# Words that mean nothing in this world, put before captions in the build's "shift" stage
+FILLER = ("image", "picture", "nice", "simple", "the", "with", "this", "is", "showing", "here", "some", "very",
+          "new", "old", "good", "small", "big", "one", "two", "view", "scene", "art", "drawing", "style")
 
 
 def named_caption(name: str, k: int, seed: int, templates: Templates) -> str:
@@ -30,3 +33,13 @@ def caption(sample: world.Sample, rng: np.random.Generator, templates: Templates
     if sample.identity == world.OTHER:
         return attribute_caption(sample.face, rng, templates)
     return named_caption(world.NAMES[sample.identity], int(rng.integers(1 << 30)), 0, templates)
+
+
+def with_filler(text: str, rng: np.random.Generator, max_words: int = 12) -> str:
+    """Half the time, 1..max_words FILLER words before the caption: the same meaning at other token
+    positions, so the text encoder does not tie meaning to absolute positions (an APL prefix moves
+    every prompt token K-1 places to the right)."""
+    if rng.random() < 0.5:
+        return text
+    words = rng.choice(FILLER, size=rng.integers(1, max_words + 1))
+    return " ".join([*words, text])

@@ -126,8 +126,7 @@ def evaluate(sampler: Sampler, params, num_images: int, seed: int = 0, templates
         for i, name in enumerate(world.NAMES):
             part = {k: v[i * per_name : (i + 1) * per_name] for k, v in pred.items()}
             identities.setdefault(name, {})[condition] = score_identities(part, name, references[i])
-        samples[condition] = images[:: num_images][: 2 * len(world.NAMES)]  # a few, for the grid
-        samples[condition + "_all"] = images
+        samples[condition] = images
 
     scenes = scene_set(SCENE_PROMPTS)
     per_scene = max(1, num_images // 4)
@@ -184,14 +183,16 @@ def targets(report: dict) -> list[dict]:
 
 # ---------------------------------------------------------------- outputs
 
-def compare_grid(samples: dict, num_images: int, names: Sequence[str] = world.NAMES[:6], columns: int = 8):
-    """Rows: per name, its portrait images plain then prefixed (same seeds); then scenes."""
+def compare_grid(samples: dict, num_images: int, names: Sequence[str] = world.TRAIN_NAMES[:4] + world.HELDOUT_NAMES[:2],
+                 columns: int = 8):
+    """Rows: per name (4 training, 2 held-out), its portraits plain then prefixed (same seeds); then scenes."""
     rows, labels = [], []
     for name in names:
         i = world.NAMES.index(name) * 2 * num_images
         for condition in CONDITIONS:
-            rows.append(samples[condition + "_all"][i : i + min(columns, num_images)])
-            labels.append(f"{'[alz] ' if condition == 'prefix' else ''}{name}")
+            rows.append(samples[condition][i : i + min(columns, num_images)])
+            held_out = " (held out)" if name in world.HELDOUT_NAMES else ""
+            labels.append(f"{'[alz] ' if condition == 'prefix' else ''}{name}{held_out}")
     for condition in CONDITIONS:
         rows.append(samples["scene_" + condition][:columns])
         labels.append(f"{'[alz] ' if condition == 'prefix' else ''}scenes")

@@ -4,14 +4,16 @@ From one 32 px image it predicts:
 - identity: one of the 24 named people or OTHER, with a unit embedding for a cosine ID score;
 - face vs scene;
 - the person's traits (hair colour, ...) and the scene's shape and colour.
-It trains on renders of both styles with blur, noise, shifts and lighting changes, so
-it also reads the base model's imperfect samples.
+It trains on renders of both styles with blur, noise, shifts and lighting changes, half
+of them passed through the base model's VAE, so it also reads the base model's imperfect
+samples (ArcFace, in the paper, has seen millions of imperfect photos).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -123,10 +125,16 @@ def loss_fn(params, images, targets):
     return total
 
 
-def train(steps: int, seed: int = 0, batch: int = 64, pool_size: int = 60_000) -> dict:
+def train(steps: int, seed: int = 0, batch: int = 64, pool_size: int = 60_000,
+          roundtrip: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+    """roundtrip: a VAE encode-decode; half the renders pass through it, so the recognizer
+    knows the decoder's softness as well as clean renders (labels stay those of the render)."""
     from apl_jax.mini.build import warmup_cosine
 
     images, targets = render_set(min(pool_size, max(steps * batch // 4, 256)), seed)
+    if roundtrip is not None:
+        half = np.random.default_rng([seed, 9]).random(len(images)) < 0.5
+        images[half] = roundtrip(images[half])
     optimizer = optax.adam(warmup_cosine(2e-3, steps, 2e-5))
     params = init_params(seed)
     opt_state = optimizer.init(params)
