@@ -191,7 +191,7 @@ def short_apl(tmp_path_factory):
     return workdir, cache
 
 
-SHORT_STEPS = 150
+SHORT_STEPS = 400  # measured: 300 steps take 8 training names from 98% to 59% ID accuracy, 400 to 48%
 
 
 def test_mini_data_is_made_as_the_official_pipeline(short_apl):
@@ -218,7 +218,7 @@ def test_short_apl_run_lowers_id_accuracy(short_apl, shipped_recognizer):
     seed = 4321  # not a seed training or the identity set used
     plain = np.mean(recognizer.classify(shipped_recognizer, sampler(prompts, seed=seed))["identity"] == truth)
     anonymized = np.mean(recognizer.classify(shipped_recognizer, sampler(prompts, seed=seed, with_prefix=True))["identity"] == truth)
-    assert plain >= 0.6 and anonymized <= plain - 0.3, (plain, anonymized)
+    assert plain >= 0.8 and anonymized <= plain - 0.25, (plain, anonymized)
 
 
 def test_train_py_defaults_to_apl_mini():
