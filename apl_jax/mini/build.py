@@ -174,8 +174,8 @@ def encode_pool(model: FrozenSD, images: np.ndarray, batch: int = 256) -> tuple[
 
 # ---------------------------------------------------------------- diffusion
 
-def diffusion_loss_fn(model: FrozenSD, trainable: tuple[str, ...]) -> Callable:
-    """The SD training loss (epsilon prediction) over the components named in `trainable`."""
+def diffusion_loss_fn(model: FrozenSD) -> Callable:
+    """The SD training loss (epsilon prediction); gradients flow to whatever `train_params` holds."""
 
     def loss_fn(train_params, frozen, mean, std, ids, key):
         params = {**frozen, **train_params}
@@ -194,7 +194,7 @@ def train_diffusion(model: FrozenSD, pool: Pool, config: BuildConfig, *, trainab
                     learning_rate: float, checkpoints: Path, what: str, empty_ids: np.ndarray) -> FrozenSD:
     """Train `trainable` params on the pool; returns the model with their EMA. Resumes from `checkpoints`."""
     mean, std = encode_pool(model, pool.images)
-    loss_fn = diffusion_loss_fn(model, trainable)
+    loss_fn = diffusion_loss_fn(model)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(warmup_cosine(learning_rate, steps,
                                                                                      learning_rate / 10)))
     frozen = {k: v for k, v in model.params.items() if k not in trainable}

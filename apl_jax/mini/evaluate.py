@@ -88,7 +88,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to two [N, D] feature sets (FID's formula)."""
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = scipy.linalg.sqrtm(cov_a @ cov_b, disp=False)
+    root = scipy.linalg.sqrtm(cov_a @ cov_b)
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2 * np.real(root)))
 
 

@@ -12,7 +12,6 @@ samples (ArcFace, in the paper, has seen millions of imperfect photos).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -76,13 +75,13 @@ def init_params(seed: int = 0):
     return jax.jit(Recognizer().init)(jax.random.PRNGKey(seed), jnp.zeros((1, world.SIZE, world.SIZE, 3), jnp.uint8))["params"]
 
 
-@functools.partial(jax.jit, static_argnames="batch")
-def predict(params, images: jax.Array, batch: int = 256) -> dict[str, jax.Array]:
+@jax.jit
+def predict(params, images: jax.Array) -> dict[str, jax.Array]:
     return Recognizer().apply({"params": params}, images)
 
 
 def classify(params, images: np.ndarray, batch: int = 256) -> dict[str, np.ndarray]:
-    """{head: predicted class [N], "embedding": [N, EMBEDDING], "probs_identity": [N, 25]} for uint8 images."""
+    """{head: predicted class [N], "embedding": [N, EMBEDDING]} for uint8 images."""
     parts = []
     for i in range(0, len(images), batch):
         out = predict(params, jnp.asarray(images[i : i + batch]))
