@@ -27,17 +27,24 @@ PROMPT = "a photo of Ada Quill"
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak
 
 
+def progress(message: str) -> None:
+    """A progress line on stderr: a run cut off by a timeout still shows how far it got."""
+    print(f"[sampling {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def time_ours(model, args) -> tuple[float, float, float]:
     sampler = Sampler(model, SamplerConfig(steps=args.steps, guidance_scale=7.0, batch_size=args.batch))
     prompts = [PROMPT] * args.batch
     start = time.perf_counter()
     sampler(prompts, seed=0)  # compiles
     compile_s = time.perf_counter() - start
+    progress(f"ours: first call (compiles) {compile_s:.1f} s")
     runs = []
     for seed in range(args.repeats):
         start = time.perf_counter()
         sampler(prompts, seed=seed + 1)
         runs.append(time.perf_counter() - start)
+        progress(f"ours: {runs[-1]:.3f} s per batch")
     return args.batch / statistics.median(runs), compile_s, sampler.flops_per_batch() / statistics.median(runs)
 
 
@@ -47,6 +54,7 @@ def time_pytorch(model, args) -> float | None:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
     except ImportError:
         return None
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         model.save(folder, weights="pt")
         dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
@@ -56,6 +64,7 @@ def time_pytorch(model, args) -> float | None:
         pipe = pipe.to("cuda")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    progress(f"diffusers PyTorch: pipeline saved and loaded in {time.perf_counter() - start:.1f} s on {pipe.device}")
     size = model.unet.config.sample_size * model.vae_scale_factor
 
     def once(seed):
@@ -70,6 +79,7 @@ def time_pytorch(model, args) -> float | None:
         start = time.perf_counter()
         once(seed + 1)
         runs.append(time.perf_counter() - start)
+        progress(f"diffusers PyTorch: {runs[-1]:.3f} s per batch")
     return args.batch / statistics.median(runs)
 
 
@@ -81,7 +91,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
+    start = time.perf_counter()
     model = load_model(args.model, args.dtype)
+    progress(f"model {args.model} loaded in {time.perf_counter() - start:.1f} s on {jax.devices()[0].device_kind}")
     ours, compile_s, flops_per_s = time_ours(model, args)
     theirs = time_pytorch(model, args)
     device = jax.devices()[0].device_kind

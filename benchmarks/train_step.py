@@ -33,6 +33,11 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core pea
 K, PLACEHOLDER, LR, ETA = 10, 41128, 1e-3, 1.0
 
 
+def progress(side: str, message: str) -> None:
+    """A progress line on stderr, which the parent passes through: a run cut off by a timeout still shows how far it got."""
+    print(f"[{side} {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def examples(resolution: int, count: int):
     from apl_jax.data.prompts import Templates
     from apl_jax.data.synthetic import SyntheticExamples
@@ -49,14 +54,18 @@ def jax_worker(args) -> dict:
 
     import jax
     import numpy as np
+    import optax
 
     from apl_jax import objective, parallel
-    from apl_jax.config import TrainConfig
     from apl_jax.models import load_model
-    from apl_jax.trainer import make_optimizer
 
+    start = time.perf_counter()
     model = load_model(args.weights, args.dtype)
-    optimizer = make_optimizer(TrainConfig(learning_rate=LR))
+    progress("jax", f"model loaded in {time.perf_counter() - start:.1f} s on {jax.local_devices()[0].device_kind}")
+    # What apl_jax.trainer.make_optimizer builds for grad_accum_steps=1, without importing
+    # apl_jax.trainer: it imports the input pipeline (grain, tensorflow-datasets), which the
+    # GPU machines don't have and this benchmark doesn't use.
+    optimizer = optax.adam(LR)
     prefix = jax.random.uniform(jax.random.PRNGKey(0), (K, model.text_width))
     state = {"params": prefix, "opt_state": optimizer.init(prefix), "step": 0, "rng": jax.random.PRNGKey(0)}
     loss_fn = functools.partial(objective.apl_loss, model=dataclasses.replace(model, params=None),
@@ -72,13 +81,16 @@ def jax_worker(args) -> dict:
     start = time.perf_counter()
     step = parallel.compile_step(parallel.make_update_fn(loss_fn, optimizer), state, frozen, batches[0])
     compile_s = time.perf_counter() - start
+    progress("jax", f"step compiled in {compile_s:.1f} s")
     times = []
     for i, batch in enumerate(batches):
         start = time.perf_counter()
         state, metrics = step(state, frozen, batch)
         jax.block_until_ready(metrics)
+        elapsed = time.perf_counter() - start
+        progress("jax", f"step {i}: {elapsed:.3f} s")
         if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append(elapsed)
     device = jax.local_devices()[0]
     stats = device.memory_stats() or {}
     cost = step.cost_analysis()
@@ -95,7 +107,9 @@ def torch_worker(args) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    start = time.perf_counter()
     step = ReferenceStep(Path(args.weights), K, PLACEHOLDER, LR, ETA, device, dtype)
+    progress("torch", f"model loaded in {time.perf_counter() - start:.1f} s on {device}")
     times = []
     for i, batch in enumerate(examples(args.resolution, args.warmup + args.steps)):
         pixels = torch.from_numpy(batch["pixels"]).permute(0, 3, 1, 2).to(device, dtype) / 127.5 - 1
@@ -103,8 +117,10 @@ def torch_worker(args) -> dict:
         neutral = torch.from_numpy(batch["neutral_ids"]).long().to(device)
         start = time.perf_counter()
         step(pixels, private, neutral)  # .item() inside waits for the device
+        elapsed = time.perf_counter() - start
+        progress("torch", f"step {i}: {elapsed:.3f} s")
         if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append(elapsed)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss()
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return {"side": "torch", "step_s": statistics.median(times), "compile_s": 0.0, "peak_bytes": peak, "device": name}
@@ -120,7 +136,9 @@ def prepare_worker(args) -> dict:
     if not (folder / "model_index.json").exists():
         from apl_jax.models import load_model
 
+        start = time.perf_counter()
         load_model(CONFIGS[args.config][0]).save(folder, weights="pt")
+        progress("prepare", f"{CONFIGS[args.config][0]} saved to {folder} in {time.perf_counter() - start:.1f} s")
     return {"side": "prepare"}
 
 
@@ -133,6 +151,8 @@ def main() -> None:
     parser.add_argument("--split-passes", action="store_true", help="our step: two UNet calls instead of one doubled one")
     parser.add_argument("--cached-latents", action="store_true",
                         help="our step: VAE encodings precomputed (the reference still encodes every step)")
+    parser.add_argument("--skip-reference", action="store_true",
+                        help="time our step alone (compare with the PyTorch figure of another run on the same machine)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "apl-jax-bench")
     parser.add_argument("--worker", choices=("prepare", "jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
@@ -147,15 +167,15 @@ def main() -> None:
     # accelerator memory (JAX preallocates) while another measures.
     weights = args.cache / CONFIGS[args.config][0]
     results = {}
-    for side in ("prepare", "jax", "torch"):
+    for side in ("prepare", "jax") if args.skip_reference else ("prepare", "jax", "torch"):
         command = [sys.executable, __file__, "--worker", side, "--weights", str(weights), "--config", args.config,
                    "--resolution", str(CONFIGS[args.config][1]), "--dtype", args.dtype,
                    "--steps", str(args.steps), "--warmup", str(args.warmup)] + ["--split-passes"] * args.split_passes + ["--cached-latents"] * args.cached_latents
-        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        # The worker's stderr (progress lines, warnings, a traceback) passes through as it comes.
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=REPO)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not lines:
-            tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
-            print(f"{side}: failed ({tail[0][:300]})")
+            print(f"{side}: failed (exit status {done.returncode}; its stderr is above)", flush=True)
             if side == "prepare":
                 sys.exit(1)
             continue
