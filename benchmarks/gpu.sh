@@ -1,23 +1,81 @@
 #!/usr/bin/env bash
-# Both benchmarks at sd15@512 in bf16 on one GPU (H100/H200), in one command, under 8 minutes.
+# Both benchmarks at sd15@512 in bf16 on one GPU (H100/H200), in one command of at most ~8 minutes
+# (each run has its own time cap, and all of them stop by a common deadline, APL_GPU_BUDGET_S).
 #
-# The GPU machines have torch and jax 0.11 with CUDA, transformers 5 and no diffusers, and no
-# network. Fill benchmarks/wheels (git-ignored) beforehand, where PyPI is reachable:
+# The GPU machines have python 3.12 with torch and jax 0.11 (CUDA), transformers 5 and no diffusers,
+# and no network. Fill benchmarks/wheels (git-ignored) beforehand, where PyPI is reachable, with
+# our pins of the libraries the benchmarks import (flax and optax too, so that only jax differs):
 #
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d benchmarks/wheels diffusers==0.39.0 transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.2
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d benchmarks/wheels \
+#     diffusers==0.39.0 transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.2 flax==0.12.8 optax==0.2.8
 #
-# then run, on the GPU machine: bash benchmarks/gpu.sh
-set -euo pipefail
+# (22 MB), then run on the GPU machine: bash benchmarks/gpu.sh. Everything it prints also goes to
+# $OUT/gpu.log ($OUT is the device tool's folder that comes back; /tmp/apl-gpu elsewhere). One
+# failing or cut-off run does not stop the next.
+set -uo pipefail
 cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/apl-gpu}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu.log") 2>&1
+TEE=$!
+DEADLINE=$((SECONDS + ${APL_GPU_BUDGET_S:-480}))
+echo "== $(date -u +%FT%TZ) $(hostname), deadline in $((DEADLINE - SECONDS)) s"
+
 ls benchmarks/wheels/*.whl > /dev/null || { echo "benchmarks/wheels is empty: see the pip download line at the top of $0"; exit 2; }
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/apl-site benchmarks/wheels/*.whl
-# Half the GPU for JAX, so PyTorch fits beside it where one process runs both (sampling.py)
-export PYTHONPATH=/tmp/apl-site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.45
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import jax, torch, diffusers, transformers; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__)"
-echo "== train step, sd15@512, bf16, one doubled UNet call (the default)"
-timeout 200 python3 benchmarks/train_step.py --config sd15@512 --dtype bfloat16 --steps 10 --warmup 2 --cache /tmp/apl-bench
-echo "== train step, sd15@512, bf16, two UNet calls and cached VAE encodings (fused_unet_passes=false, cache_latents=true)"
-timeout 130 python3 benchmarks/train_step.py --config sd15@512 --dtype bfloat16 --steps 10 --warmup 2 --cache /tmp/apl-bench --split-passes --cached-latents
-echo "== sampling, sd15-random 512 px, DDIM 20 steps, batch 4"
-timeout 150 python3 benchmarks/sampling.py --model sd15-random --dtype bfloat16 --steps 20 --batch 4 --repeats 3
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/apl-site benchmarks/wheels/*.whl || exit 2
+export PYTHONPATH=/tmp/apl-site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+nvidia-smi
+python3 -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda[0-9]+-(plugin|pjrt)|flax|optax|chex|orbax-checkpoint|ml.dtypes|numpy|torch|accelerate|peft|safetensors|nvidia-cudnn-cu[0-9]+) '
+echo "(flax, optax, diffusers, transformers, huggingface_hub and tokenizers come from the carried wheels:)"
+# Fail fast (a minute, not eight) if the environment can't even import what the benchmarks use.
+python3 - <<'EOF' || { echo "== import check failed: nothing measured"; exit 3; }
+import sys
+import jax, flax, optax, torch, diffusers, transformers, huggingface_hub, tokenizers
+print("python", sys.version.split()[0], "| jax", jax.__version__, jax.devices(), "| flax", flax.__version__,
+      "| optax", optax.__version__, "| torch", torch.__version__, "cuda", torch.cuda.is_available(),
+      "| diffusers", diffusers.__version__, "| transformers", transformers.__version__,
+      "| huggingface_hub", huggingface_hub.__version__, "| tokenizers", tokenizers.__version__)
+assert jax.default_backend() == "gpu", jax.default_backend()
+for name in ("flax", "optax", "diffusers", "transformers", "huggingface_hub", "tokenizers"):
+    assert sys.modules[name].__file__.startswith("/tmp/apl-site/"), (name, sys.modules[name].__file__)
+from diffusers import StableDiffusionPipeline, DDIMScheduler  # sampling.py, PyTorch side
+from apl_jax import objective, parallel, sampling  # the JAX sides
+sys.path.insert(0, "benchmarks")
+import torch_reference  # train_step.py, PyTorch side
+print("imports ok")
+EOF
+
+# run NAME CAP COMMAND...: COMMAND under min(CAP, time to the deadline), skipped under 60 s.
+run() {
+  local name=$1 cap=$2 left=$((DEADLINE - SECONDS)) start=$SECONDS rc
+  shift 2
+  if ((left < 60)); then echo "== $name: skipped, $left s left before the deadline"; return; fi
+  ((cap > left)) && cap=$left
+  echo "== $name (at most $cap s): $*"
+  timeout -k 10 "$cap" "$@"
+  rc=$?
+  ((rc == 124 || rc == 137)) && echo "== $name: cut off after $cap s"
+  echo "== $name: exit status $rc, $((SECONDS - start)) s"
+}
+
+B=/tmp/apl-bench TRAIN="python3 benchmarks/train_step.py --config sd15@512 --dtype bfloat16 --steps 10 --warmup 2 --cache $B"
+# Each train-step side runs in its own process, so JAX may take most of the GPU; in sampling.py
+# JAX and PyTorch share one process: JAX preallocates 45%, PyTorch takes what it needs of the rest.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.75
+# The sd15-random preset (random weights, seed 0) saved once as a diffusers folder with PyTorch
+# safetensors, in f32; every run below loads it from there (sampling.py too: no second init).
+run "sd15-random exported to $B/sd15-random" 150 \
+  python3 benchmarks/train_step.py --worker prepare --weights $B/sd15-random --config sd15@512
+run "train step, sd15@512, bf16, one doubled UNet call (the default)" 240 $TRAIN
+run "sampling, sd15-random 512 px, bf16, DDIM 20 steps, batch 4" 150 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 \
+  python3 benchmarks/sampling.py --model $B/sd15-random --dtype bfloat16 --steps 20 --batch 4 --repeats 3
+run "train step, sd15@512, bf16, two UNet calls, VAE encodings cached" 150 $TRAIN --split-passes --cached-latents
+# Only if time is left; the PyTorch figure to compare with is the first run's (the same reference step).
+run "train step, sd15@512, bf16, two UNet calls (ours alone)" 120 $TRAIN --split-passes --skip-reference
+nvidia-smi --query-gpu=name,memory.used,memory.total,temperature.gpu,clocks.sm --format=csv
+echo "== done in $SECONDS s"
+exec >&- 2>&-
+wait $TEE  # every line in gpu.log before the command returns
