@@ -48,10 +48,14 @@ import torch_reference  # train_step.py, PyTorch side
 print("imports ok")
 EOF
 
-# run NAME CAP COMMAND...: COMMAND under min(CAP, time to the deadline), skipped under 60 s.
+# Which runs, in this order (APL_GPU_RUNS, a space-separated subset); the export always comes first.
+RUNS=${APL_GPU_RUNS:-train sampling split-cached split}
+
+# run ID NAME CAP COMMAND...: COMMAND under min(CAP, time to the deadline), skipped under 60 s.
 run() {
-  local name=$1 cap=$2 left=$((DEADLINE - SECONDS)) start=$SECONDS rc
-  shift 2
+  local id=$1 name=$2 cap=$3 left=$((DEADLINE - SECONDS)) start=$SECONDS rc
+  shift 3
+  [[ " prepare $RUNS " == *" $id "* ]] || return 0
   if ((left < 60)); then echo "== $name: skipped, $left s left before the deadline"; return; fi
   ((cap > left)) && cap=$left
   echo "== $name (at most $cap s): $*"
@@ -65,16 +69,17 @@ B=/tmp/apl-bench TRAIN="python3 benchmarks/train_step.py --config sd15@512 --dty
 # Each train-step side runs in its own process, so JAX may take most of the GPU; in sampling.py
 # JAX and PyTorch share one process: JAX preallocates 45%, PyTorch takes what it needs of the rest.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.75
-# The sd15-random preset (random weights, seed 0) saved once as a diffusers folder with PyTorch
-# safetensors, in f32; every run below loads it from there (sampling.py too: no second init).
-run "sd15-random exported to $B/sd15-random" 150 \
-  python3 benchmarks/train_step.py --worker prepare --weights $B/sd15-random --config sd15@512
-run "train step, sd15@512, bf16, one doubled UNet call (the default)" 240 $TRAIN
-run "sampling, sd15-random 512 px, bf16, DDIM 20 steps, batch 4" 150 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 \
+# sd15-random's shapes with NumPy-drawn weights (its jitted flax init took 209 s to compile on an
+# H200), saved once as a diffusers folder with PyTorch safetensors in f32, on the host's CPU; every
+# run below loads it from there (sampling.py too: no second init).
+run prepare "sd15-random (NumPy-filled) exported to $B/sd15-random" 90 env JAX_PLATFORMS=cpu \
+  python3 benchmarks/train_step.py --worker prepare --numpy-weights --weights $B/sd15-random --config sd15@512
+run train "train step, sd15@512, bf16, one doubled UNet call (the default)" 240 $TRAIN
+run sampling "sampling, sd15-random 512 px, bf16, DDIM 20 steps, batch 4" 150 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 \
   python3 benchmarks/sampling.py --model $B/sd15-random --dtype bfloat16 --steps 20 --batch 4 --repeats 3
-run "train step, sd15@512, bf16, two UNet calls, VAE encodings cached" 150 $TRAIN --split-passes --cached-latents
+run split-cached "train step, sd15@512, bf16, two UNet calls, VAE encodings cached" 150 $TRAIN --split-passes --cached-latents
 # Only if time is left; the PyTorch figure to compare with is the first run's (the same reference step).
-run "train step, sd15@512, bf16, two UNet calls (ours alone)" 120 $TRAIN --split-passes --skip-reference
+run split "train step, sd15@512, bf16, two UNet calls (ours alone)" 120 $TRAIN --split-passes --skip-reference
 nvidia-smi --query-gpu=name,memory.used,memory.total,temperature.gpu,clocks.sm --format=csv
 echo "== done in $SECONDS s"
 exec >&- 2>&-

@@ -130,6 +130,44 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def numpy_filled(preset: str):
+    """The preset's model with its parameters drawn by NumPy (seed 0) instead of its jitted flax init.
+
+    The same shapes and configs, other values: LeCun-normal kernels, N(0, 0.02) embeddings, zero
+    biases, unit norm scales. Speed does not depend on the values, and the init's compile is slow
+    on GPU: sd15-random's took 209 s on an H200 (jax 0.11.2), against about 10 s for this.
+    """
+    import contextlib
+
+    import jax
+    import numpy as np
+
+    from apl_jax.models import PRESETS
+
+    rng = np.random.default_rng(0)
+
+    def fill(path, leaf):
+        name = getattr(path[-1], "key", str(path[-1]))
+        if name == "bias":
+            return np.zeros(leaf.shape, leaf.dtype)
+        if name == "scale":
+            return np.ones(leaf.shape, leaf.dtype)
+        std = 1 / np.sqrt(np.prod(leaf.shape[:-1])) if name == "kernel" else 0.02
+        return (rng.standard_normal(leaf.shape, np.float32) * np.float32(std)).astype(leaf.dtype)
+
+    @contextlib.contextmanager
+    def init_by_numpy():  # random_model calls jax.jit once, on its init function: shapes only, then NumPy
+        jit = jax.jit
+        jax.jit = lambda init: lambda key: jax.tree_util.tree_map_with_path(fill, jax.eval_shape(init, key))
+        try:
+            yield
+        finally:
+            jax.jit = jit
+
+    with init_by_numpy():
+        return PRESETS[preset]("float32")
+
+
 def prepare_worker(args) -> dict:
     """Our preset saved once as a diffusers folder with PyTorch weights, shared by both sides."""
     folder = Path(args.weights)
@@ -137,7 +175,8 @@ def prepare_worker(args) -> dict:
         from apl_jax.models import load_model
 
         start = time.perf_counter()
-        load_model(CONFIGS[args.config][0]).save(folder, weights="pt")
+        preset = CONFIGS[args.config][0]
+        (numpy_filled(preset) if args.numpy_weights else load_model(preset)).save(folder, weights="pt")
         progress("prepare", f"{CONFIGS[args.config][0]} saved to {folder} in {time.perf_counter() - start:.1f} s")
     return {"side": "prepare"}
 
@@ -151,6 +190,8 @@ def main() -> None:
     parser.add_argument("--split-passes", action="store_true", help="our step: two UNet calls instead of one doubled one")
     parser.add_argument("--cached-latents", action="store_true",
                         help="our step: VAE encodings precomputed (the reference still encodes every step)")
+    parser.add_argument("--numpy-weights", action="store_true",
+                        help="with --worker prepare: the preset's shapes filled by NumPy, not its (slow to compile) init")
     parser.add_argument("--skip-reference", action="store_true",
                         help="time our step alone (compare with the PyTorch figure of another run on the same machine)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "apl-jax-bench")
