@@ -3,7 +3,7 @@
     python sample.py --model M --prompt "..." [--prompt ...] --num-images N --seed S [--prefix FILE] [--compare] --out grid.png [--save-dir DIR]
 """
 
-from apl_jax.cli import sample_main
+from apl_jax.commands.sample import main
 
 if __name__ == "__main__":
-    sample_main()
+    main()

@@ -1,6 +1,6 @@
-"""Train an APL prefix: python train.py --config configs/tiny.yaml --workdir runs/tiny [--set key=value ...]"""
+"""Train an APL prefix: python train.py [--config configs/tiny.yaml] [--workdir runs/tiny] [--set key=value ...]"""
 
-from apl_jax.cli import train_main
+from apl_jax.commands.train import main
 
 if __name__ == "__main__":
-    train_main()
+    main()

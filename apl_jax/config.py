@@ -17,7 +17,7 @@ from apl_jax.errors import UserError
 
 @dataclasses.dataclass
 class ModelConfig:
-    path: str = "tiny-random"  # a diffusers-format folder, or a preset name (models.PRESETS)
+    path: str = "tiny-random"  # a diffusers-format folder, or a preset or shipped model's name (models.py)
     dtype: str = "float32"  # float32 | bfloat16: params and compute of the frozen models
 
 
@@ -33,7 +33,7 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 8  # global: per-device batch x device count (x processes)
     learning_rate: float = 1e-3  # the official code's value (its README says 1e-5)
-    negative_guidance: float = 1.0  # eta in DESIGN.md section 1
+    negative_guidance: float = 1.0  # eta of the objective (docs/design.md)
     grad_accum_steps: int = 1  # >1 wraps the optimizer in optax.MultiSteps
     # One UNet call on the doubled (neutral + private) batch; false: two calls, so the
     # backward pass covers only the private half (see benchmarks/README.md for which is faster)
@@ -48,9 +48,7 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    # synthetic (in-memory stand-in, no files) | folders (identity_dir + caption_dir) | mini (APL-mini's
-    # identity set, drawn by model.path on first use, and generic renders; kept under cache_dir)
-    source: str = "synthetic"
+    source: str = "synthetic"  # synthetic (in-memory stand-in, no files) | folders (identity_dir + caption_dir)
     identity_dir: str | None = None  # face images + manifest, or <Name>-<idx>.png files (source folders)
     caption_dir: str | None = None  # images + captions.jsonl or prompts.txt (source folders)
     identity_prob: float = 0.5  # chance that an example is an identity one, else generic
@@ -61,15 +59,13 @@ class DataConfig:
     loader_threads: int = 8  # decode + tokenize threads of the folders loader
     synthetic_names: int = 8
     synthetic_captions: int = 16
-    mini_per_name: int = 64  # source mini: identity images per training name, drawn by the base model
-    mini_generic: int = 1024  # source mini: captioned generic renders (scenes, anonymous faces)
 
 
 @dataclasses.dataclass
 class EvalConfig:
-    # After training: the compare grid and `python -m apl_jax.mini eval` on the new prefix
-    # (APL-mini models only: the recognizer knows APL-mini's cast)
-    mini: bool = False
+    # After training, train.py evaluates the new prefix where it has an evaluation for
+    # model.path (APL-mini's models: the compare grid and `python -m apl_jax.mini eval`)
+    after_training: bool = False
     num_images: int = 32  # per name and prompt kind, per condition
 
 

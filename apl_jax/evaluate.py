@@ -27,14 +27,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from apl_jax.cli import add_sampler_args, enable_compilation_cache, sampler_config
+from apl_jax.cli import add_sampler_args, enable_compilation_cache, run_main, sampler_settings
 from apl_jax.errors import UserError
 from apl_jax.export import load_prefix
 from apl_jax.face_id import (
     FaceEmbedder, IdentityScore, identity_score, make_embedder, reference_embedding, reference_photos, summarise,
 )
 from apl_jax.generate_identities import read_lines, read_names
-from apl_jax.sampling import Sampler, image_grid, save_images
+from apl_jax.sampling import Sampler, SamplerConfig, image_grid, save_images
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
         references = {name: reference_embedding(embedder, photos[name], name) for name in bar}
 
     enable_compilation_cache()
-    config = sampler_config(args)
+    config = SamplerConfig(**sampler_settings(args))
     settings = {"model": str(args.model), "dtype": args.dtype, "prefix": str(args.prefix),
                 "prefix_digest": prefix_digest(prefix.vectors), "placeholder": prefix.placeholder,
                 "seed": args.seed, "sampler": dataclasses.asdict(config)}
@@ -293,6 +293,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from apl_jax.cli import run_main
-
     run_main(main)

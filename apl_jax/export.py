@@ -1,4 +1,4 @@
-"""Prefix files for other tools, and models for diffusers' PyTorch side (DESIGN.md section 3).
+"""Prefix files for other tools, and models for diffusers' PyTorch side (formats: docs/design.md, section 3).
 
 Formats:
 - diffusers: safetensors, one key "<placeholder>" holding float32 [K, D], metadata
@@ -25,6 +25,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from apl_jax.cli import run_main
 from apl_jax.errors import UserError
 
 FORMATS = ("diffusers", "a1111", "apl")
@@ -218,6 +219,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from apl_jax.cli import run_main
-
     run_main(main)

@@ -20,6 +20,7 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
+from apl_jax.cli import add_sampler_args, enable_compilation_cache, run_main, sampler_settings
 from apl_jax.errors import UserError
 
 DEFAULT_TEMPLATES = "configs/data/templates.yaml"
@@ -81,9 +82,8 @@ def generate(sampler, names: list[str], per_name: int, out: Path, seed: int, tem
 
 
 def main(argv=None) -> int:
-    from apl_jax.cli import add_sampler_args, enable_compilation_cache, sampler_config
     from apl_jax.models import load_model
-    from apl_jax.sampling import Sampler
+    from apl_jax.sampling import Sampler, SamplerConfig
 
     parser = argparse.ArgumentParser(prog="python -m apl_jax.generate_identities", description=__doc__.split("\n\n")[0])
     add_sampler_args(parser)
@@ -96,13 +96,11 @@ def main(argv=None) -> int:
         raise UserError(f"--per-name must be at least 1, got {args.per_name}")
     names = read_names(args.names)
     enable_compilation_cache()
-    sampler = Sampler(load_model(args.model, args.dtype), sampler_config(args))
+    sampler = Sampler(load_model(args.model, args.dtype), SamplerConfig(**sampler_settings(args)))
     written = generate(sampler, names, args.per_name, args.out, args.seed, args.templates)
     print(f"{args.out}: {len(names)} names x {args.per_name}; rendered {written}, kept {len(names) * args.per_name - written}")
     return 0
 
 
 if __name__ == "__main__":
-    from apl_jax.cli import run_main
-
     run_main(main)

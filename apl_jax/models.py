@@ -24,6 +24,7 @@ from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule
 
 from apl_jax import convert
 from apl_jax.errors import UserError
+from apl_jax.manifest import MANIFEST, verify
 from apl_jax.tokenizer import MAX_LENGTH, load_tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -123,7 +124,7 @@ def _assemble(tokenizer, text_config, unet, vae, scheduler_config, params, dtype
     return FrozenSD(tokenizer, text_config, unet, vae, scheduler, params, dtype)
 
 
-# ---------------------------------------------------------------- presets
+# ---------------------------------------------------------------- presets and shipped models
 
 SD1_SCHEDULER = {
     "beta_start": 0.00085,
@@ -189,19 +190,18 @@ def sd15_random(dtype: str = "float32") -> FrozenSD:
     )
 
 
-def _apl_mini(dtype: str = "float32") -> FrozenSD:
-    from apl_jax.mini import presets  # the shipped weights of APL-mini (apl_jax/mini/weights)
-
-    return presets.apl_mini(dtype)
-
-
-def _apl_mini_ft(dtype: str = "float32") -> FrozenSD:
-    from apl_jax.mini import presets
-
-    return presets.apl_mini_ft(dtype)
+PRESETS = {"tiny-random": tiny_random, "sd15-random": sd15_random}
+# Model folders that ship inside the package, opened by name like any diffusers folder
+SHIPPED_MODELS = Path(__file__).parent / "assets" / "models"
 
 
-PRESETS = {"tiny-random": tiny_random, "sd15-random": sd15_random, "apl-mini": _apl_mini, "apl-mini-ft": _apl_mini_ft}
+def shipped_models() -> list[str]:
+    return sorted(p.name for p in SHIPPED_MODELS.iterdir() if (p / "model_index.json").is_file())
+
+
+def resolve_model(path: str | Path) -> Path:
+    """A shipped model's name -> its folder; anything else is a folder path."""
+    return SHIPPED_MODELS / str(path) if str(path) in shipped_models() else Path(path)
 
 
 # ---------------------------------------------------------------- loading
@@ -247,14 +247,18 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path, dtype: str = "float32") -> FrozenSD:
-    """A preset name, or a diffusers-format Stable Diffusion folder (Flax or PyTorch safetensors weights)."""
+    """A preset or shipped model's name, or a diffusers-format Stable Diffusion folder (Flax or PyTorch
+    safetensors weights). A folder with a MANIFEST.json has its files' sha256 checked first."""
     if dtype not in DTYPES:
         raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if str(path) in PRESETS:
         return PRESETS[str(path)](dtype)
-    folder = Path(path)
+    folder = resolve_model(path)
     if not folder.is_dir():
-        raise UserError(f"model folder {folder} does not exist (and {path!r} is not a preset: {', '.join(PRESETS)})")
+        names = ", ".join([*PRESETS, *shipped_models()])
+        raise UserError(f"model folder {folder} does not exist (and {path!r} is not a model name: {names})")
+    if (folder / MANIFEST).is_file():
+        verify(folder)
     for sub in SUBFOLDERS:
         if not (folder / sub).is_dir():
             raise UserError(f"model folder {folder} has no {sub}/ subfolder (a diffusers SD folder has {', '.join(SUBFOLDERS)})")

@@ -1,4 +1,4 @@
-"""The APL loss for one batch (DESIGN.md section 1). Pure; knows nothing about devices.
+"""The APL loss for one batch (docs/design.md, section 1). Pure; knows nothing about devices.
 
 batch:
   pixels       uint8 [B, H, W, 3]   images (uint8 keeps host->device transfers small), or instead

@@ -53,17 +53,11 @@ def make_input(config: Config, model: FrozenSD) -> HostInput:
     if data.resolution % model.vae_scale_factor:
         raise UserError(f"data.resolution={data.resolution} is not divisible by the VAE factor {model.vae_scale_factor}")
     host_range = parallel.host_example_range(config.train.batch_size)
-    if data.source == "mini":
-        from apl_jax.mini.data import prepare  # APL-mini's identity set and generic renders, made on first use
-
-        identity_dir, caption_dir = prepare(data.cache_dir, model, config.model.path, config.train.seed,
-                                            data.mini_per_name, data.mini_generic)
-        data = dataclasses.replace(data, identity_dir=str(identity_dir), caption_dir=str(caption_dir))
-    if data.source in ("folders", "mini"):
+    if data.source == "folders":
         return folder_input(data, model.tokenizer, config.prefix.placeholder, config.train.seed,
                             config.train.batch_size, *host_range)
     if data.source != "synthetic":
-        raise UserError(f"data.source must be 'synthetic', 'folders' or 'mini', got {data.source!r}")
+        raise UserError(f"data.source must be 'synthetic' or 'folders', got {data.source!r}")
     if data.identity_dir or data.caption_dir or data.neutral_mode != "empty":
         # Don't let a forgotten data.source=folders train on synthetic data.
         raise UserError("data.identity_dir, data.caption_dir and data.neutral_mode only apply to data.source=folders; "

@@ -3,11 +3,15 @@
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
 from apl_jax.errors import UserError
-from apl_jax.mini import evaluate, presets, recognizer, world
+from apl_jax.manifest import MANIFEST, verify
+from apl_jax.mini import metrics, recognizer, world
+from apl_jax.mini.build import BASE, FINE_TUNED, RECOGNIZER
+from apl_jax.mini.evaluate import scene_set
 
 
 # ---------------------------------------------------------------- world
@@ -64,59 +68,70 @@ def test_toy_build_writes_loadable_weights(toy_build):
     from apl_jax.models import load_model
 
     out, _ = toy_build
-    presets.verify(out)
-    model = load_model(out / presets.BASE)
+    for name in (BASE, FINE_TUNED, RECOGNIZER):
+        verify(out / name)
+    model = load_model(out / BASE)
     assert model.text_width == 64 and model.vae_scale_factor == 4
     assert model.unet.config.sample_size * model.vae_scale_factor == world.SIZE
     assert model.params["unet"]["conv_in"]["kernel"].dtype == np.float32  # stored float16, loaded as asked
-    ft = presets.apl_mini_ft("float32", out)
+    ft = load_model(out / FINE_TUNED)
     assert not np.allclose(ft.params["unet"]["conv_in"]["kernel"], model.params["unet"]["conv_in"]["kernel"])
     assert np.array_equal(ft.params["vae"]["decoder"]["conv_out"]["kernel"], model.params["vae"]["decoder"]["conv_out"]["kernel"])
-    manifest = json.loads((out / presets.MANIFEST).read_text())["sha256"]
-    assert "apl-mini/unet/diffusion_flax_model.msgpack" in manifest and presets.RECOGNIZER_FILE in manifest
+    assert (out / FINE_TUNED / "text_encoder").is_symlink()  # shared with the base, not copied
+    manifest = json.loads((out / FINE_TUNED / MANIFEST).read_text())["sha256"]
+    assert {"unet/diffusion_flax_model.msgpack", "text_encoder/flax_model.msgpack"} <= set(manifest)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(recognizer.load(out / RECOGNIZER)))
 
 
 def test_toy_build_rerun_keeps_finished_stages(toy_build):
     from apl_jax.mini.build import BuildConfig, build
 
     out, work = toy_build
-    before = (out / presets.MANIFEST).read_text()
+    before = [(out / name / MANIFEST).read_text() for name in (BASE, FINE_TUNED, RECOGNIZER)]
     build(out, work, BuildConfig.toy())  # every stage is done: nothing retrains, same hashes
-    assert (out / presets.MANIFEST).read_text() == before
+    assert [(out / name / MANIFEST).read_text() for name in (BASE, FINE_TUNED, RECOGNIZER)] == before
 
 
 def test_damaged_weights_are_refused(toy_build, tmp_path):
+    from apl_jax.models import load_model
+
     out, _ = toy_build
     copy = tmp_path / "weights"
-    shutil.copytree(out, copy)
-    target = copy / presets.BASE / "unet" / presets.UNET_FILE
+    shutil.copytree(out, copy, symlinks=True)
+    target = copy / BASE / "unet" / "diffusion_flax_model.msgpack"
     data = bytearray(target.read_bytes())
     data[-1] ^= 1
     target.write_bytes(bytes(data))
-    with pytest.raises(UserError, match="does not match its sha256"):
-        presets.verify(copy)
+    with pytest.raises(UserError, match=f"weights file {target} does not match its sha256"):
+        load_model(copy / BASE)
     target.unlink()
-    with pytest.raises(UserError, match="is missing"):
-        presets.verify(copy)
+    with pytest.raises(UserError, match=f"weights file {target} is missing"):
+        load_model(copy / BASE)
     with pytest.raises(UserError, match="has no MANIFEST.json"):
-        presets.verify(tmp_path)
+        verify(tmp_path)
 
 
 # ---------------------------------------------------------------- shipped weights
 
-def test_shipped_preset_loads_and_matches_its_hashes():
-    from apl_jax.models import load_model
+def test_shipped_models_load_by_name_and_match_their_hashes():
+    from apl_jax.models import SHIPPED_MODELS, load_model, shipped_models
 
-    presets.verify()  # every shipped file against MANIFEST.json
-    model = load_model("apl-mini")
+    assert shipped_models() == [BASE, FINE_TUNED]  # the recognizer is no diffusers folder
+    for name in (BASE, FINE_TUNED, RECOGNIZER):
+        verify(SHIPPED_MODELS / name)  # every shipped file against its MANIFEST.json
+    model, ft = load_model(BASE), load_model(FINE_TUNED)
     assert model.text_width == 64 and model.tokenizer("alz").input_ids[1] == 41128
-    size = sum(p.stat().st_size for p in (presets.WEIGHTS_DIR / presets.BASE).rglob("*") if p.is_file())
+    # apl-mini-ft is apl-mini with another UNet: everything else is the same arrays
+    assert not np.allclose(ft.params["unet"]["conv_in"]["kernel"], model.params["unet"]["conv_in"]["kernel"])
+    for part in ("text_encoder", "vae"):
+        assert all(np.array_equal(a, b) for a, b in zip(*(jax.tree.leaves(m.params[part]) for m in (model, ft))))
+    size = sum(p.stat().st_size for p in (SHIPPED_MODELS / BASE).rglob("*") if p.is_file())
     assert size <= 15 * 2**20
 
 
 @pytest.fixture(scope="module")
 def shipped_recognizer():
-    return presets.load_recognizer()
+    return recognizer.load()
 
 
 def test_recognizer_accuracy_on_fresh_renders(shipped_recognizer):
@@ -127,35 +142,35 @@ def test_recognizer_accuracy_on_fresh_renders(shipped_recognizer):
 # ---------------------------------------------------------------- metrics on hand-made image sets
 
 def test_real_renders_of_a_name_score_as_that_name(shipped_recognizer):
-    references = evaluate.reference_embeddings(shipped_recognizer, world.NAMES[:2], renders=16)
+    references = metrics.reference_embeddings(shipped_recognizer, world.NAMES[:2], renders=16)
     name = world.NAMES[0]
     images = np.stack([world.render_face(world.cast()[name], [99, k]) for k in range(16)])
     pred = recognizer.classify(shipped_recognizer, images)
-    own = evaluate.score_identities(pred, name, references[0])
+    own = metrics.score_identities(pred, name, references[0])
     assert own["accuracy"] >= 0.9 and own["face_rate"] == 1.0 and own["trait_keep"] >= 0.9
     assert own["id_score"]["mean"] > 0.8 and own["id_score"]["faces"] == 16
-    other = evaluate.score_identities(pred, world.NAMES[1], references[1])
+    other = metrics.score_identities(pred, world.NAMES[1], references[1])
     assert other["accuracy"] == 0.0 and other["id_score"]["mean"] < own["id_score"]["mean"] - 0.2
 
 
 def test_scenes_are_no_faces_and_score_by_prompt(shipped_recognizer):
-    scenes = evaluate.scene_set(16)
+    scenes = scene_set(16)
     images = np.stack([world.render_scene(s, [5, i]) for i, s in enumerate(scenes)])
     pred = recognizer.classify(shipped_recognizer, images)
-    assert evaluate.score_scenes(pred, scenes) >= 0.9
-    assert evaluate.score_scenes(pred, scenes[1:] + scenes[:1]) <= 0.2  # wrong prompts for the same images
+    assert metrics.score_scenes(pred, scenes) >= 0.9
+    assert metrics.score_scenes(pred, scenes[1:] + scenes[:1]) <= 0.2  # wrong prompts for the same images
     name = world.NAMES[0]
-    as_faces = evaluate.score_identities(pred, name, np.eye(recognizer.EMBEDDING)[0])
+    as_faces = metrics.score_identities(pred, name, np.eye(recognizer.EMBEDDING)[0])
     assert as_faces["face_rate"] == 0.0 and as_faces["id_score"]["faces"] == 0 and as_faces["id_score"]["mean"] == 0.0
 
 
 def test_frechet_distance():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(500, 4))
-    assert evaluate.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
-    shifted = evaluate.frechet_distance(a, a + np.array([2.0, 0, 0, 0]))
+    assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shifted = metrics.frechet_distance(a, a + np.array([2.0, 0, 0, 0]))
     assert shifted == pytest.approx(4.0, rel=1e-6)  # |mu_a - mu_b|^2, same covariance
-    assert evaluate.frechet_distance(a, 3 * a) == pytest.approx(np.trace(np.cov(a, rowvar=False)) * 4, rel=0.02)
+    assert metrics.frechet_distance(a, 3 * a) == pytest.approx(np.trace(np.cov(a, rowvar=False)) * 4, rel=0.02)
 
 
 def test_targets_follow_the_issue():
@@ -165,7 +180,7 @@ def test_targets_follow_the_issue():
 
     report = {"groups": {"train": group(0.9, 0.08), "heldout": group(0.85, 0.2)},
               "generic": {"plain": 0.8, "prefix": 0.77}}
-    met = {t["target"]: t["met"] for t in evaluate.targets(report)}
+    met = {t["target"]: t["met"] for t in metrics.targets(report)}
     assert met == {
         "base ID accuracy (train) >= 0.80": True, "base ID accuracy (heldout) >= 0.80": True,
         "prefix ID accuracy (train) <= base/10": True, "prefix ID accuracy (heldout) <= base/5": False,
@@ -182,10 +197,13 @@ def short_apl(tmp_path_factory):
     from apl_jax.trainer import train
     from conftest import REPO
 
+    from apl_jax.mini.data import prepare
+
     workdir, cache = tmp_path_factory.mktemp("apl"), tmp_path_factory.mktemp("data")
+    identities, generic = prepare(cache, BASE, seed=0, per_name=8, generic=64)
     config = load_config(REPO / "configs/mini.yaml", [
-        f"train.steps={SHORT_STEPS}", "train.checkpoint_every=1000", "data.mini_per_name=8", "data.mini_generic=64",
-        f"data.cache_dir={cache}", "eval.mini=false",
+        f"train.steps={SHORT_STEPS}", "train.checkpoint_every=1000", f"data.identity_dir={identities}",
+        f"data.caption_dir={generic}", f"data.cache_dir={cache}", "eval.after_training=false",
     ])
     assert train(config, workdir).step == SHORT_STEPS
     return workdir, cache
@@ -221,11 +239,15 @@ def test_short_apl_run_lowers_id_accuracy(short_apl, shipped_recognizer):
     assert plain >= 0.8 and anonymized <= plain - 0.25, (plain, anonymized)
 
 
-def test_train_py_defaults_to_apl_mini():
-    from apl_jax.cli import DEFAULT_CONFIG
+def test_train_py_defaults_to_apl_mini(tmp_path):
+    from apl_jax.commands.train import DEFAULT_CONFIG
     from apl_jax.config import load_config
+    from apl_jax.mini.data import with_mini_data
     from conftest import REPO
 
-    config = load_config(REPO / DEFAULT_CONFIG)
-    assert DEFAULT_CONFIG == "configs/mini.yaml"
-    assert (config.model.path, config.data.source, config.eval.mini) == ("apl-mini", "mini", True)
+    config = load_config(DEFAULT_CONFIG)
+    assert DEFAULT_CONFIG == REPO / "configs" / "mini.yaml"
+    assert (config.model.path, config.data.source, config.eval.after_training) == ("apl-mini", "folders", True)
+    assert config.data.identity_dir is None and config.data.caption_dir is None  # train.py makes APL-mini's
+    named = load_config(DEFAULT_CONFIG, [f"data.identity_dir={tmp_path}", f"data.caption_dir={tmp_path}"])
+    assert with_mini_data(named) is named  # folders the user names are never replaced

@@ -10,6 +10,7 @@ from apl_jax.data.prompts import Templates
 from apl_jax.data.synthetic import SyntheticExamples
 from apl_jax.objective import apl_loss, encode_posterior, sample_latents
 from apl_jax.prefix import encode_with_prefix, init_prefix
+from conftest import assert_close
 
 PLACEHOLDER = 41128
 
@@ -49,14 +50,14 @@ def test_matches_separate_passes_by_hand(tiny, batch, keys):
     eta = 1.0
     by_hand = jnp.mean((e_p - (e_n - eta * (e_p - e_n))) ** 2)
     ours = loss_fn(tiny)(prefix, p, batch, keys)
-    np.testing.assert_allclose(ours, by_hand, rtol=1e-4)
+    assert_close(ours, by_hand)
 
 
 def test_negative_guidance_scales_the_loss(tiny, batch, keys):
     # loss = (1 + eta)^2 * mean((e_p - e_n)^2), so eta=2 gives 9x eta=0
     prefix = init_prefix(tiny, 10, jax.random.PRNGKey(0))
     base = loss_fn(tiny, 0.0)(prefix, tiny.params, batch, keys)
-    np.testing.assert_allclose(loss_fn(tiny, 2.0)(prefix, tiny.params, batch, keys), 9 * base, rtol=1e-4)
+    assert_close(loss_fn(tiny, 2.0)(prefix, tiny.params, batch, keys), 9 * base)
 
 
 def test_latents_use_the_scaling_factor(tiny, batch):
@@ -102,13 +103,13 @@ def test_split_passes_give_the_same_loss_and_gradient(tiny, batch, keys):
         return jax.jit(jax.value_and_grad(fn))(prefix, tiny.params, batch, keys)
 
     (fused_loss, fused_grad), (split_loss, split_grad) = value_and_grad(True), value_and_grad(False)
-    np.testing.assert_allclose(split_loss, fused_loss, rtol=1e-5)
-    np.testing.assert_allclose(split_grad, fused_grad, rtol=1e-4, atol=1e-9)
+    assert_close(split_loss, fused_loss, rel=1e-5)
+    assert_close(split_grad, fused_grad)
 
 
 def test_cached_posterior_gives_the_same_loss(tiny, batch, keys):
     prefix = init_prefix(tiny, 10, jax.random.PRNGKey(0))
     mean, std = encode_posterior(tiny, tiny.params["vae"], batch["pixels"])
     cached = {k: v for k, v in batch.items() if k != "pixels"} | {"posterior_mean": mean, "posterior_std": std}
-    np.testing.assert_allclose(loss_fn(tiny)(prefix, tiny.params, cached, keys),
-                               loss_fn(tiny)(prefix, tiny.params, batch, keys), rtol=1e-5)
+    assert_close(loss_fn(tiny)(prefix, tiny.params, cached, keys), loss_fn(tiny)(prefix, tiny.params, batch, keys),
+                 rel=1e-5)

@@ -13,7 +13,7 @@ from apl_jax.checkpoint import Checkpointer
 from apl_jax.config import load_config
 from apl_jax.errors import UserError
 from apl_jax.trainer import train
-from conftest import REPO, run_train, train_env
+from conftest import REPO, assert_close, run_train, train_env
 
 
 def config(*overrides):
@@ -119,7 +119,7 @@ def test_cached_latents_train_the_same_objective(straight, tmp_path):
     assert result.step == 6
     cached = [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     plain = [json.loads(l)["loss"] for l in (straight / "metrics.jsonl").read_text().splitlines()]
-    np.testing.assert_allclose(cached, plain, rtol=1e-4)
+    assert_close(cached, plain)
 
 
 def test_latent_cache_encodes_each_image_once():

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from apl_jax.cli import add_sampler_args, enable_compilation_cache, run_main, sampler_settings
 from apl_jax.errors import UserError
 
 
@@ -28,43 +29,37 @@ def _build(args) -> int:
     return 0
 
 
-def print_report(report: dict, out: Path) -> None:
-    from apl_jax.mini.evaluate import markdown
-
-    print(markdown(report, report["settings"]))
-    print(f"wrote {out / 'report.md'}, report.json, chart.png and grid.png")
-
-
 def _eval(args) -> int:
-    from apl_jax.cli import sampler_config
     from apl_jax.mini.evaluate import run
+    from apl_jax.mini.report import print_report
+    from apl_jax.sampling import SamplerConfig
 
     if args.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")
     if args.batch_size is None:
         args.batch_size = 64  # one device: whole batches, not one image per call
     out = args.out or Path("runs") / "mini-eval" / f"{args.model}-{Path(args.prefix).stem}"
-    print_report(run(args.model, args.prefix, out, args.num_images, args.seed, sampler_config(args)), out)
+    print_report(run(args.model, args.prefix, out, args.num_images, args.seed, SamplerConfig(**sampler_settings(args))),
+                 out)
     return 0
 
 
 def _data(args) -> int:
     from apl_jax.mini.data import prepare
-    from apl_jax.models import load_model
 
-    identities, generic = prepare(args.out, load_model(args.model), args.model, args.seed)
+    identities, generic = prepare(args.out, args.model, args.seed)
     print(f"identity set: {identities}\ngeneric images: {generic}")
     return 0
 
 
 def main(argv=None) -> int:
-    from apl_jax.cli import add_sampler_args, enable_compilation_cache
-    from apl_jax.mini.presets import WEIGHTS_DIR
+    from apl_jax.models import SHIPPED_MODELS
 
     parser = argparse.ArgumentParser(prog="python -m apl_jax.mini", description=__doc__.split(":")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="train the APL-mini base model, apl-mini-ft and the recognizer")
-    build.add_argument("--out", type=Path, default=WEIGHTS_DIR, help=f"weights folder (default {WEIGHTS_DIR})")
+    build.add_argument("--out", type=Path, default=SHIPPED_MODELS,
+                       help=f"where apl-mini, apl-mini-ft and apl-mini-recognizer go (default {SHIPPED_MODELS})")
     build.add_argument("--work", type=Path, default=Path.home() / ".cache" / "apl_jax" / "mini-build",
                        help="intermediate results and checkpoints; a rerun resumes from them")
     build.add_argument("--stages", help="comma-separated subset of vae,base,ft,recognizer (default all)")
@@ -86,6 +81,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from apl_jax.cli import run_main
-
     run_main(main)

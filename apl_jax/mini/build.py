@@ -1,5 +1,5 @@
-"""Train APL-mini's base model from scratch: VAE, then CLIP text encoder + UNet, then the same on captions
-behind filler words (so meaning does not hang on absolute token positions), then apl-mini-ft.
+"""Train APL-mini's models from scratch: VAE, then CLIP text encoder + UNet, then the same on captions
+behind filler words (so meaning does not hang on absolute token positions), then apl-mini-ft and the recognizer.
 
 Every stage is seeded and writes its result under the work folder before the next
 starts; a rerun skips finished stages and resumes the diffusion stages from their
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,7 +25,9 @@ from tqdm import tqdm
 
 from apl_jax import objective
 from apl_jax.data.prompts import Templates
-from apl_jax.mini import captions, world
+from apl_jax.manifest import MANIFEST, write_manifest
+from apl_jax.mini import captions, recognizer, world
+from apl_jax.mini.recognizer import warmup_cosine
 from apl_jax.models import FrozenSD, random_model
 from apl_jax.tokenizer import tokenize
 
@@ -102,11 +105,6 @@ def render_pool(size: int, seed: int, style: world.Style, tokenizer, templates: 
             np.savez(f, images=pool.images, caption_ids=pool.caption_ids)
         cache.with_suffix(".tmp").replace(cache)
     return pool
-
-
-def warmup_cosine(peak: float, steps: int, final: float) -> optax.Schedule:
-    """Linear warm-up over the first tenth (at most 300 steps), then cosine decay to `final`."""
-    return optax.warmup_cosine_decay_schedule(0, peak, min(300, steps // 10 + 1), max(steps, 2), final)
 
 
 def initial_model() -> FrozenSD:
@@ -240,12 +238,25 @@ def train_diffusion(model: FrozenSD, pool: Pool, config: BuildConfig, *, trainab
 # ---------------------------------------------------------------- the whole build
 
 STAGES = ("vae", "base", "shift", "ft", "recognizer")
+# The build's outputs, as folders under SHIPPED_MODELS (or --out)
+BASE, FINE_TUNED, RECOGNIZER = "apl-mini", "apl-mini-ft", "apl-mini-recognizer"
+SHARED_WITH_BASE = ("model_index.json", "tokenizer", "text_encoder", "vae", "scheduler")  # all but the UNet
+
+
+def save_fine_tuned(model: FrozenSD, base_dir: Path, ft_dir: Path) -> None:
+    """A full diffusers folder whose parts other than the UNet link to the base's (no second copy)."""
+    from apl_jax.models import save_model
+
+    save_model(model, ft_dir, dtype="float16")
+    for name in SHARED_WITH_BASE:
+        path = ft_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        path.symlink_to(Path("..") / base_dir.name / name)
 
 
 def build(out: Path, work: Path, config: BuildConfig, stages: tuple[str, ...] = STAGES) -> None:
-    """Write out/apl-mini (diffusers folder), out/apl-mini-ft (its UNet), out/recognizer.msgpack, out/MANIFEST.json."""
+    """Write out/apl-mini, out/apl-mini-ft (diffusers folders) and out/apl-mini-recognizer, each with a MANIFEST.json."""
     from apl_jax.generate_identities import DEFAULT_TEMPLATES
-    from apl_jax.mini import presets, recognizer
     from apl_jax.models import load_model, save_model
     from apl_jax.tokenizer import load_tokenizer
 
@@ -269,8 +280,8 @@ def build(out: Path, work: Path, config: BuildConfig, stages: tuple[str, ...] = 
                                 checkpoints=work / "base-checkpoints", what="text encoder + UNet",
                                 empty_ids=empty_ids)
         save_model(model, before_shift)
-    base_dir = out / presets.BASE
-    if "shift" in stages and not (base_dir / "model_index.json").is_file():
+    base_dir = out / BASE
+    if "shift" in stages and not (base_dir / MANIFEST).is_file():
         pool = render_pool(config.pool_size, config.seed, world.PLAIN, tokenizer, templates, "shift pool",
                            work / "shift-pool.npz", filler=True)
         model = train_diffusion(load_model(before_shift), pool, config, trainable=("text_encoder", "unet"),
@@ -278,17 +289,20 @@ def build(out: Path, work: Path, config: BuildConfig, stages: tuple[str, ...] = 
                                 checkpoints=work / "shift-checkpoints", what="filler captions",
                                 empty_ids=empty_ids)
         save_model(model, base_dir, dtype="float16")
-    ft_dir = out / presets.FINE_TUNED
-    if "ft" in stages and not (ft_dir / "unet" / presets.UNET_FILE).is_file():
+        write_manifest(base_dir)  # last: its presence means the stage is complete
+    ft_dir = out / FINE_TUNED
+    if "ft" in stages and not (ft_dir / MANIFEST).is_file():
         pool = render_pool(config.ft_pool_size, config.seed + 1, world.SHIFTED, tokenizer, templates, "shifted pool")
         model = train_diffusion(load_model(base_dir), pool, config, trainable=("unet",), steps=config.ft_steps,
                                 learning_rate=config.ft_learning_rate, checkpoints=work / "ft-checkpoints",
                                 what="fine-tune UNet (shifted style)", empty_ids=empty_ids)
-        presets.save_unet(model, ft_dir)
-    if "recognizer" in stages and not (out / presets.RECOGNIZER_FILE).is_file():
+        save_fine_tuned(model, base_dir, ft_dir)
+        write_manifest(ft_dir)
+    recognizer_dir = out / RECOGNIZER
+    if "recognizer" in stages and not (recognizer_dir / MANIFEST).is_file():
         vae_model = load_model(after_vae)
         params = recognizer.train(config.recognizer_steps, config.seed,
                                   roundtrip=lambda images: vae_roundtrip(vae_model, images))
-        presets.save_recognizer(params, out)
-    presets.write_manifest(out)
+        recognizer.save(params, recognizer_dir)
+        write_manifest(recognizer_dir)
     log.info("build finished in %.1f min", (time.perf_counter() - started) / 60)

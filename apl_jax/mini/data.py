@@ -10,6 +10,7 @@ kept (keyed by model, sizes and seed), and an interrupted one resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -44,9 +45,10 @@ def render_generic(out: Path, count: int, seed: int, templates: Templates) -> No
     tmp.replace(out / "captions.jsonl")  # written last: its presence means the folder is complete
 
 
-def prepare(root: Path, model, model_name: str, seed: int = 0, per_name: int = IDENTITIES_PER_NAME,
+def prepare(root: Path, model_name: str, seed: int = 0, per_name: int = IDENTITIES_PER_NAME,
             generic: int = GENERIC_IMAGES) -> tuple[Path, Path]:
-    """(identity_dir, caption_dir) under root, made on first use."""
+    """(identity_dir, caption_dir) under root, made on first use with model_name's own samples."""
+    from apl_jax.models import load_model
     from apl_jax.sampling import Sampler, SamplerConfig
 
     key = hashlib.sha256(json.dumps([model_name, per_name, generic, seed]).encode()).hexdigest()[:12]
@@ -55,7 +57,7 @@ def prepare(root: Path, model, model_name: str, seed: int = 0, per_name: int = I
     identities, generic_dir = folder / "identities", folder / "generic"
     manifest = identities / "manifest.json"
     if not manifest.is_file() or "attributes" not in json.loads(manifest.read_text()):
-        sampler = Sampler(model, SamplerConfig(batch_size=64))
+        sampler = Sampler(load_model(model_name), SamplerConfig(batch_size=64))
         # No negative prompt: the official one is SD vocabulary this model never saw, so it would be noise.
         generate(sampler, list(world.TRAIN_NAMES), per_name, identities, seed, Path(DEFAULT_TEMPLATES),
                  negative_prompt="")
@@ -64,3 +66,14 @@ def prepare(root: Path, model, model_name: str, seed: int = 0, per_name: int = I
         manifest.write_text(json.dumps(values, indent=1))
     render_generic(generic_dir, generic, seed, templates)
     return identities, generic_dir
+
+
+def with_mini_data(config):
+    """config training on APL-mini's data (made on first use under data.cache_dir) when it names no folders."""
+    data = config.data
+    if data.source != "folders" or data.identity_dir or data.caption_dir:
+        return config
+    identities, generic = prepare(data.cache_dir, config.model.path, config.train.seed)
+    print(f"data: APL-mini's identity set {identities} and generic renders {generic}")
+    return dataclasses.replace(config, data=dataclasses.replace(data, identity_dir=str(identities),
+                                                                caption_dir=str(generic)))

@@ -12,16 +12,20 @@ samples (ArcFace, in the paper, has seen millions of imperfect photos).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable
 
 import flax.linen as nn
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm import tqdm
 
+from apl_jax.manifest import verify
 from apl_jax.mini import world
+from apl_jax.models import SHIPPED_MODELS
 
 # head -> classes; an image's label is -1 where a head does not apply (a scene has no hair)
 HEADS = {
@@ -37,7 +41,14 @@ HEADS = {
     "colour": tuple(world.COLOURS),
 }
 EMBEDDING = 64
+SHIPPED = SHIPPED_MODELS / "apl-mini-recognizer"  # a folder with recognizer.msgpack and its MANIFEST.json
+WEIGHTS_FILE = "recognizer.msgpack"
 RECOGNIZER_MIX = {"named": 0.5, "anonymous": 0.25, "scene": 0.25}
+
+
+def warmup_cosine(peak: float, steps: int, final: float) -> optax.Schedule:
+    """Linear warm-up over the first tenth (at most 300 steps), then cosine decay to `final` (every APL-mini stage)."""
+    return optax.warmup_cosine_decay_schedule(0, peak, min(300, steps // 10 + 1), max(steps, 2), final)
 
 
 def labels(sample: world.Sample) -> dict[str, int]:
@@ -128,7 +139,6 @@ def train(steps: int, seed: int = 0, batch: int = 64, pool_size: int = 60_000,
           roundtrip: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
     """roundtrip: a VAE encode-decode; half the renders pass through it, so the recognizer
     knows the decoder's softness as well as clean renders (labels stay those of the render)."""
-    from apl_jax.mini.build import warmup_cosine
 
     images, targets = render_set(min(pool_size, max(steps * batch // 4, 256)), seed)
     if roundtrip is not None:
@@ -165,8 +175,6 @@ class Accuracy:
 
 def accuracy(params, size: int = 2000, seed: int = 12345) -> Accuracy:
     """On fresh renders (seeds the training set never used), no augmentation."""
-    from apl_jax.mini.build import warmup_cosine
-
     images, targets = render_set(size, seed)
     pred = classify(params, images)
     faces, scenes = targets["face"] == 1, targets["face"] == 0
@@ -176,3 +184,16 @@ def accuracy(params, size: int = 2000, seed: int = 12345) -> Accuracy:
         scene=float(np.mean((pred["shape"][scenes] == targets["shape"][scenes])
                             & (pred["colour"][scenes] == targets["colour"][scenes]))),
     )
+
+
+def save(params, folder: Path) -> None:
+    """float16, as the shipped models: half the size, and loading casts back to float32."""
+    folder.mkdir(parents=True, exist_ok=True)
+    half = jax.tree.map(lambda x: np.asarray(x, np.float16), jax.device_get(params))
+    (folder / WEIGHTS_FILE).write_bytes(flax.serialization.to_bytes(half))
+
+
+def load(folder: Path = SHIPPED):
+    verify(folder)
+    params = flax.serialization.msgpack_restore((folder / WEIGHTS_FILE).read_bytes())
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)

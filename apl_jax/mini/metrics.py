@@ -1,0 +1,104 @@
+"""APL-mini's evaluation metrics: pure functions of recognizer outputs, each tested on real renders.
+
+- ID accuracy (recognizer top-1 = NAME) and ID score (cosine to NAME's reference
+  embedding, mean/max per identity, docs/design.md), training vs held-out names;
+- face rate of the prefixed identity images;
+- trait keep rate: prefixed faces whose hair colour and sex are NAME's (attributes mode);
+- generic fidelity: shape+colour accuracy on scene prompts, and Frechet distances in the
+  recognizer's embedding space;
+- the targets the project holds APL-mini's results to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import scipy.linalg
+
+from apl_jax.face_id import IdentityScore, identity_score, summarise, unit
+from apl_jax.mini import recognizer, world
+
+REFERENCE_RENDERS = 64  # per name, for its reference embedding
+EVAL_SEED = 1  # template draws and scenes differ from the training data's (seed 0)
+CONDITIONS = ("plain", "prefix")
+KEPT_TRAITS = ("hair_colour", "sex")
+
+
+def reference_embeddings(params, names: Sequence[str] = world.NAMES, renders: int = REFERENCE_RENDERS) -> np.ndarray:
+    """[len(names), EMBEDDING]: the normalised mean embedding of real renders of each name."""
+    faces = world.cast()
+    images = np.stack([world.render_face(faces[n], [EVAL_SEED, 6, i, k]) for i, n in enumerate(names)
+                       for k in range(renders)])
+    embeddings = recognizer.classify(params, images)["embedding"].reshape(len(names), renders, -1)
+    return np.stack([unit(e.mean(0)) for e in embeddings])
+
+
+def score_identities(pred: dict[str, np.ndarray], name: str, reference: np.ndarray) -> dict:
+    """Recognizer outputs for the images of one name -> accuracy, ID score, face rate, trait keep rate."""
+    faces = pred["face"] == 1
+    target = world.cast()[name]
+    kept = [pred[t][faces] == recognizer.HEADS[t].index(target.visible(t)) for t in KEPT_TRAITS
+            if target.visible(t) is not None]
+    score = identity_score([e if f else None for e, f in zip(pred["embedding"], faces)], reference)
+    return {
+        "accuracy": float(np.mean(pred["identity"] == world.NAMES.index(name))),
+        "id_score": dataclasses.asdict(score) | {"similarities": None},
+        "face_rate": float(np.mean(faces)),
+        "trait_keep": float(np.mean(np.all(kept, axis=0))) if faces.any() else 0.0,
+    }
+
+
+def score_scenes(pred: dict[str, np.ndarray], scenes: Sequence[world.Scene]) -> float:
+    """Share of images whose shape and colour are their prompt's (scenes[i] for image i)."""
+    shape = np.asarray([world.SHAPES.index(s.shape) for s in scenes])
+    colour = np.asarray([list(world.COLOURS).index(s.colour) for s in scenes])
+    return float(np.mean((pred["face"] == 0) & (pred["shape"] == shape) & (pred["colour"] == colour)))
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two [N, D] feature sets (FID's formula)."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(cov_a @ cov_b)
+    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2 * np.real(root)))
+
+
+def group_summary(identities: dict[str, dict], names: Sequence[str], condition: str) -> dict:
+    rows = [identities[n][condition] for n in names]
+    ids = summarise([_as_score(r["id_score"]) for r in rows])
+    return {
+        "accuracy": float(np.mean([r["accuracy"] for r in rows])),
+        "id_score_mean": ids["mean"], "id_score_max": ids["max"],
+        "face_rate": float(np.mean([r["face_rate"] for r in rows])),
+        "trait_keep": float(np.mean([r["trait_keep"] for r in rows])),
+    }
+
+
+def _as_score(d: dict) -> IdentityScore:
+    return IdentityScore(d["mean"], d["max"], d["faces"], d["images"], [])
+
+
+def targets(report: dict) -> list[dict]:
+    """The issue's targets, each with its measured value and whether it is met."""
+    g, gen = report["groups"], report["generic"]
+    out = []
+
+    def add(what, value, bound, met):
+        out.append({"target": what, "value": value, "bound": bound, "met": bool(met)})
+
+    for group in ("train", "heldout"):
+        add(f"base ID accuracy ({group}) >= 0.80", g[group]["plain"]["accuracy"], 0.8, g[group]["plain"]["accuracy"] >= 0.8)
+    divisor = {"train": 10, "heldout": 5}
+    for group, d in divisor.items():
+        bound = g[group]["plain"]["accuracy"] / d
+        add(f"prefix ID accuracy ({group}) <= base/{d}", g[group]["prefix"]["accuracy"], bound,
+            g[group]["prefix"]["accuracy"] <= bound)
+    face_rate = np.mean([g[x]["prefix"]["face_rate"] for x in g])
+    add("face rate with prefix >= 0.90", float(face_rate), 0.9, face_rate >= 0.9)
+    bound = 0.95 * gen["plain"]
+    add("generic accuracy with prefix >= 0.95 x without", gen["prefix"], bound, gen["prefix"] >= bound)
+    keep = np.mean([g[x]["prefix"]["trait_keep"] for x in g])
+    add("traits kept with prefix >= 0.80 (attributes mode)", float(keep), 0.8, keep >= 0.8)
+    return out
