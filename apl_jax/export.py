@@ -26,6 +26,7 @@ import safetensors
 import safetensors.numpy
 
 from apl_jax.errors import UserError
+from apl_jax.files import atomic_write, save_safetensors
 
 FORMATS = ("diffusers", "a1111", "apl")
 A1111_TOKEN_ID = 265  # A1111's "*" placeholder entry
@@ -54,19 +55,11 @@ def _torch():
     return torch
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)  # never leave a half-written file under the real name
-    return path
-
-
 # ---------------------------------------------------------------- writing
 
 def save_diffusers_prefix(path: str | Path, prefix: np.ndarray, placeholder: str) -> Path:
     tensors = {diffusers_token(placeholder): np.ascontiguousarray(prefix, dtype=np.float32)}
-    return _atomic_write(Path(path), lambda p: safetensors.numpy.save_file(tensors, p, metadata={"format": "pt"}))
+    return save_safetensors(path, tensors, metadata={"format": "pt"})
 
 
 def _save_a1111_pt(path: Path, prefix: PrefixFile) -> Path:
@@ -77,7 +70,7 @@ def _save_a1111_pt(path: Path, prefix: PrefixFile) -> Path:
         "name": path.stem,
         "step": prefix.step or 0,
     }
-    return _atomic_write(path, lambda p: torch.save(data, p))
+    return atomic_write(path, lambda p: torch.save(data, p))
 
 
 def _save_apl_pt(path: Path, prefix: PrefixFile, token_id: int) -> Path:
@@ -87,7 +80,7 @@ def _save_apl_pt(path: Path, prefix: PrefixFile, token_id: int) -> Path:
         "string_to_token": {prefix.placeholder: torch.tensor(token_id)},
         "string_to_param": torch.nn.ParameterDict({prefix.placeholder: param}),
     }
-    return _atomic_write(path, lambda p: torch.save(data, p))
+    return atomic_write(path, lambda p: torch.save(data, p))
 
 
 def save_prefix(path: str | Path, prefix: PrefixFile, fmt: str) -> Path:

@@ -24,6 +24,7 @@ from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule
 
 from apl_jax import convert
 from apl_jax.errors import UserError
+from apl_jax.files import save_safetensors
 from apl_jax.tokenizer import MAX_LENGTH, load_tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -302,7 +303,7 @@ def save_model(model: FrozenSD, folder: str | Path, weights: str = "flax", dtype
         if weights == "flax":
             (sub / flax_name).write_bytes(flax.serialization.to_bytes(jax.device_get(params)))
         else:
-            safetensors.numpy.save_file(convert.flax_to_pt(jax.device_get(params)), sub / pt_name, metadata={"format": "pt"})
+            save_safetensors(sub / pt_name, convert.flax_to_pt(jax.device_get(params)), metadata={"format": "pt"})
     prefix = "" if weights == "pt" else "Flax"
     index = {
         "_class_name": f"{prefix}StableDiffusionPipeline",

@@ -13,7 +13,7 @@ from apl_jax.checkpoint import Checkpointer
 from apl_jax.config import load_config
 from apl_jax.errors import UserError
 from apl_jax.trainer import train
-from conftest import REPO, run_train, train_env
+from conftest import REPO, assert_umask_modes, run_train, train_env, umask
 
 
 def config(*overrides):
@@ -27,7 +27,8 @@ def prefix_of(workdir):
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight")
-    result = train(config("train.steps=6"), workdir)
+    with umask(0o027):  # every file of the workdir must follow it (test_outputs)
+        result = train(config("train.steps=6"), workdir)
     assert result.step == 6 and not result.interrupted
     return workdir
 
@@ -44,6 +45,7 @@ def test_outputs(straight):
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     assert header["__metadata__"] == {"format": "pt"}
     assert sorted(int(p.name) for p in (straight / "checkpoints").iterdir()) == [2, 4, 6]  # keep 3
+    assert_umask_modes(straight, 0o027)  # checkpoints, metrics, events, plot and prefix alike: no 0600 files
 
 
 def test_resume_is_bitwise(straight, tmp_path):
