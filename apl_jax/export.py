@@ -7,7 +7,9 @@ Formats:
 - a1111 .pt: torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": [K, D]}, "name", "step"}).
 - apl .pt: the official code's torch.save({"string_to_token": {"alz": tensor(41128)},
   "string_to_param": nn.ParameterDict({"alz": Parameter[K, D]})}).
-.pt files need torch (an optional extra); everything else works without it.
+Both .pt files are zips with only the entries torch 1.6-2.0 wrote, which AUTOMATIC1111's
+safe unpickler requires; torch's weights-only loader reads them too. .pt files need
+torch (an optional extra); everything else works without it.
 
     python -m apl_jax.export prefix --from SRC --to DST --format diffusers|a1111|apl [--force]
     python -m apl_jax.export model --model M --out DIR [--force]
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import io
+import re
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +34,10 @@ from apl_jax.files import atomic_write, save_safetensors
 
 FORMATS = ("diffusers", "a1111", "apl")
 A1111_TOKEN_ID = 265  # A1111's "*" placeholder entry
+# The zip entries torch 1.6 to 2.0 wrote. AUTOMATIC1111's safe unpickler (on by default)
+# refuses a file with any other entry, such as the .format_version, .storage_alignment,
+# byteorder and .data/serialization_id that torch >= 2.6 adds; torch reads files without them.
+_CLASSIC_ZIP_ENTRY = re.compile(r"^[^/]+/(data\.pkl|version|data/\d+)$")
 
 
 @dataclasses.dataclass
@@ -70,7 +78,7 @@ def _save_a1111_pt(path: Path, prefix: PrefixFile) -> Path:
         "name": path.stem,
         "step": prefix.step or 0,
     }
-    return atomic_write(path, lambda p: torch.save(data, p))
+    return _torch_save(path, data)
 
 
 def _save_apl_pt(path: Path, prefix: PrefixFile, token_id: int) -> Path:
@@ -80,7 +88,22 @@ def _save_apl_pt(path: Path, prefix: PrefixFile, token_id: int) -> Path:
         "string_to_token": {prefix.placeholder: torch.tensor(token_id)},
         "string_to_param": torch.nn.ParameterDict({prefix.placeholder: param}),
     }
-    return atomic_write(path, lambda p: torch.save(data, p))
+    return _torch_save(path, data)
+
+
+def _torch_save(path: Path, data) -> Path:
+    """torch.save in the classic zip layout; a legacy non-zip file would not do for the
+    official format: it pickles ParameterDict's source code, which weights-only loading refuses."""
+    buffer = io.BytesIO()
+    _torch().save(data, buffer)
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(buffer) as full, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as classic:
+            for entry in full.infolist():
+                if _CLASSIC_ZIP_ENTRY.match(entry.filename):
+                    classic.writestr(entry, full.read(entry))
+
+    return atomic_write(path, write)
 
 
 def save_prefix(path: str | Path, prefix: PrefixFile, fmt: str) -> Path:
