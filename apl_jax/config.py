@@ -17,7 +17,7 @@ from apl_jax.errors import UserError
 
 @dataclasses.dataclass
 class ModelConfig:
-    path: str = "tiny-random"  # a diffusers-format folder, or a preset name (models.PRESETS)
+    path: str = "tiny-random"  # a diffusers-format folder, a single-file SD 1.x checkpoint or a preset (models.PRESETS)
     dtype: str = "float32"  # float32 | bfloat16: params and compute of the frozen models
 
 

@@ -12,7 +12,7 @@ safe unpickler requires; torch's weights-only loader reads them too. .pt files n
 torch (an optional extra); everything else works without it.
 
     python -m apl_jax.export prefix --from SRC --to DST --format diffusers|a1111|apl [--force]
-    python -m apl_jax.export model --model M --out DIR [--force]
+    python -m apl_jax.export model --model M --out DIR|FILE.safetensors [--format diffusers|single-file] [--force]
 """
 
 from __future__ import annotations
@@ -211,6 +211,14 @@ def _model_command(args) -> int:
 
     out = Path(args.out)
     _refuse_overwrite(out, args.force)
+    if args.format == "single-file":
+        from apl_jax.single_file import check_output
+
+        check_output(out)  # before the model loads, which takes a while for a real one
+        load_model(args.model).save_single_file(out)
+        print(f"wrote {out}: one SD 1.x checkpoint in the original layout (AUTOMATIC1111, ComfyUI, "
+              "StableDiffusionPipeline.from_single_file)")
+        return 0
     load_model(args.model).save(out, weights="pt")
     print(f"wrote {out}: a diffusers folder with PyTorch safetensors (StableDiffusionPipeline.from_pretrained)")
     return 0
@@ -225,9 +233,12 @@ def main(argv=None) -> int:
     prefix.add_argument("--format", required=True, choices=FORMATS)
     prefix.add_argument("--placeholder", help="rename the placeholder (default: the source's)")
     prefix.add_argument("--force", action="store_true", help="overwrite an existing output")
-    model = commands.add_parser("model", help="write a model as a diffusers folder with PyTorch weights")
-    model.add_argument("--model", required=True, help="a preset name or a model folder")
-    model.add_argument("--out", required=True)
+    model = commands.add_parser("model", help="write a model for PyTorch tools: a diffusers folder or one file")
+    model.add_argument("--model", required=True, help="a preset name, a model folder or a single-file checkpoint")
+    model.add_argument("--out", required=True, help="a folder (diffusers) or a .safetensors file (single-file)")
+    model.add_argument("--format", default="diffusers", choices=("diffusers", "single-file"),
+                       help="diffusers: a diffusers folder with PyTorch weights (default); single-file: one "
+                            "original-layout SD 1.x .safetensors")
     model.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     return _prefix_command(args) if args.command == "prefix" else _model_command(args)

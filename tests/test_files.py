@@ -18,6 +18,7 @@ def test_exports_follow_umask(tiny, tmp_path, mask):
         save_prefix(tmp_path / "out/p.safetensors", PrefixFile(vectors, "alz", "test"), "diffusers")
         tiny.save(tmp_path / "out/pt", weights="pt")
         tiny.save(tmp_path / "out/flax", weights="flax")
+        tiny.save_single_file(tmp_path / "out/tiny.safetensors")
     assert_umask_modes(tmp_path / "out", mask)
     expected = 0o644 if mask == 0o022 else 0o640
     assert stat.S_IMODE((tmp_path / "out/pt/unet/diffusion_pytorch_model.safetensors").stat().st_mode) == expected
