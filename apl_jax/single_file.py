@@ -13,6 +13,8 @@ convert.py to our Flax params) by one function per component, original_name.
   are inferred from tensor shapes (block channels, layers per block, attention levels, cross-attention
   width, text width and depth, VAE channels); what shapes cannot tell takes SD 1.x's values: 8 UNet
   attention heads, CLIP's 64-wide text heads, 32 VAE norm groups, latent scaling 0.18215, 512 px.
+  Shapes that rule those values out are an error, not a guess.
+- SD 2.x, SDXL and inpainting checkpoints are one-line errors ("not supported yet").
 """
 
 from __future__ import annotations

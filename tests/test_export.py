@@ -91,9 +91,15 @@ def test_pt_passes_a1111_safe_unpickle(tmp_path, fmt):
     checked = a1111_safe_load(path)
     params = checked["string_to_param"]
     assert list(getattr(params, "_parameters", params)) == (["*"] if fmt == "a1111" else ["alz"])
-    # ComfyUI's and the official code's way: torch's weights-only loader (the official file needs ParameterDict)
-    with torch.serialization.safe_globals([torch.nn.ParameterDict]):
+    # torch's weights-only loader: plain, as ComfyUI calls it, and with ParameterDict allowed for the official file
+    if fmt == "a1111":
         loaded = torch.load(path, map_location="cpu", weights_only=True)
+        assert loaded["string_to_token"] == {"*": 265} and loaded["name"] == "a1111" and loaded["step"] == 7
+    else:
+        with torch.serialization.safe_globals([torch.nn.ParameterDict]):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        assert isinstance(loaded["string_to_param"], torch.nn.ParameterDict)
+        assert list(loaded["string_to_param"]) == ["alz"] and int(loaded["string_to_token"]["alz"]) == 41128
     np.testing.assert_array_equal(next(iter(loaded["string_to_param"].values())).detach().numpy(), VECTORS)
     # the check bites: torch's own current layout is what A1111 refused
     torch.save({"x": torch.zeros(1)}, tmp_path / "plain.pt")
