@@ -17,7 +17,7 @@ from apl_jax.errors import UserError
 
 @dataclasses.dataclass
 class ModelConfig:
-    path: str = "tiny-random"  # a diffusers-format folder, or a preset or shipped model's name (models.py)
+    path: str = "tiny-random"  # a diffusers folder, a single-file SD 1.x checkpoint, or a preset or shipped model's name (models.py)
     dtype: str = "float32"  # float32 | bfloat16: params and compute of the frozen models
 
 

@@ -22,23 +22,41 @@ _LIST_SEGMENT = re.compile(r"^(down_blocks|up_blocks|resnets|attentions|transfor
 _VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
+def pt_name(path: tuple[str, ...]) -> str:
+    """The PyTorch state-dict name of the Flax param at `path`."""
+    *modules, leaf = path
+    names = []
+    for segment in modules:
+        match = _LIST_SEGMENT.match(segment)
+        names.append(f"{match[1]}.{match[2]}" if match else _VAE_ATTENTION.get(segment, segment))
+    return ".".join(names + ["weight" if leaf in ("kernel", "scale", "embedding") else leaf])
+
+
+def to_pt_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    """A Flax param's array in PyTorch's layout (a view where numpy can make one)."""
+    if path[-1] != "kernel":
+        return value
+    return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T  # HWIO -> OIHW; (in, out) -> (out, in)
+
+
+def to_flax_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    """The inverse of to_pt_layout."""
+    if path[-1] != "kernel":
+        return value
+    return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+
+
 def flax_to_pt(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """A Flax param tree -> a PyTorch-named state dict of numpy arrays."""
-    state = {}
-    for path, value in flatten_dict(params).items():
-        value = np.asarray(value, dtype=np.float32)
-        *modules, leaf = path
-        names = []
-        for segment in modules:
-            match = _LIST_SEGMENT.match(segment)
-            names.append(f"{match[1]}.{match[2]}" if match else _VAE_ATTENTION.get(segment, segment))
-        if leaf == "kernel":
-            value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-            leaf = "weight"
-        elif leaf in ("scale", "embedding"):
-            leaf = "weight"
-        state[".".join(names + [leaf])] = np.ascontiguousarray(value)
-    return state
+    return {
+        pt_name(path): np.ascontiguousarray(to_pt_layout(path, np.asarray(value, dtype=np.float32)))
+        for path, value in flatten_dict(params).items()
+    }
+
+
+def pt_names(expected: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """PyTorch name -> Flax path, for every param of a tree (of arrays or of shapes)."""
+    return {pt_name(path): path for path in flatten_dict(expected)}
 
 
 def pt_to_flax(state: Mapping[str, np.ndarray], expected: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,18 +7,22 @@ Formats:
 - a1111 .pt: torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": [K, D]}, "name", "step"}).
 - apl .pt: the official code's torch.save({"string_to_token": {"alz": tensor(41128)},
   "string_to_param": nn.ParameterDict({"alz": Parameter[K, D]})}).
-.pt files need torch (an optional extra); everything else works without it.
+Both .pt files are zips with only the entries torch 1.6-2.0 wrote, which AUTOMATIC1111's
+safe unpickler requires; torch's weights-only loader reads them too. .pt files need
+torch (an optional extra); everything else works without it.
 
     python -m apl_jax.export prefix --from SRC --to DST --format diffusers|a1111|apl [--force]
-    python -m apl_jax.export model --model M --out DIR [--force]
+    python -m apl_jax.export model --model M --out DIR|FILE.safetensors [--format diffusers|single-file] [--force]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import io
+import re
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +31,14 @@ import safetensors.numpy
 
 from apl_jax.cli import run_main
 from apl_jax.errors import UserError
+from apl_jax.files import atomic_write, save_safetensors
 
 FORMATS = ("diffusers", "a1111", "apl")
 A1111_TOKEN_ID = 265  # A1111's "*" placeholder entry
+# The zip entries torch 1.6 to 2.0 wrote. AUTOMATIC1111's safe unpickler (on by default)
+# refuses a file with any other entry, such as the .format_version, .storage_alignment,
+# byteorder and .data/serialization_id that torch >= 2.6 adds; torch reads files without them.
+_CLASSIC_ZIP_ENTRY = re.compile(r"^[^/]+/(data\.pkl|version|data/\d+)$")
 
 
 @dataclasses.dataclass
@@ -55,19 +64,11 @@ def _torch():
     return torch
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)  # never leave a half-written file under the real name
-    return path
-
-
 # ---------------------------------------------------------------- writing
 
 def save_diffusers_prefix(path: str | Path, prefix: np.ndarray, placeholder: str) -> Path:
     tensors = {diffusers_token(placeholder): np.ascontiguousarray(prefix, dtype=np.float32)}
-    return _atomic_write(Path(path), lambda p: safetensors.numpy.save_file(tensors, p, metadata={"format": "pt"}))
+    return save_safetensors(path, tensors, metadata={"format": "pt"})
 
 
 def _save_a1111_pt(path: Path, prefix: PrefixFile) -> Path:
@@ -78,7 +79,7 @@ def _save_a1111_pt(path: Path, prefix: PrefixFile) -> Path:
         "name": path.stem,
         "step": prefix.step or 0,
     }
-    return _atomic_write(path, lambda p: torch.save(data, p))
+    return _torch_save(path, data)
 
 
 def _save_apl_pt(path: Path, prefix: PrefixFile, token_id: int) -> Path:
@@ -88,7 +89,22 @@ def _save_apl_pt(path: Path, prefix: PrefixFile, token_id: int) -> Path:
         "string_to_token": {prefix.placeholder: torch.tensor(token_id)},
         "string_to_param": torch.nn.ParameterDict({prefix.placeholder: param}),
     }
-    return _atomic_write(path, lambda p: torch.save(data, p))
+    return _torch_save(path, data)
+
+
+def _torch_save(path: Path, data) -> Path:
+    """torch.save in the classic zip layout; a legacy non-zip file would not do for the
+    official format: it pickles ParameterDict's source code, which weights-only loading refuses."""
+    buffer = io.BytesIO()
+    _torch().save(data, buffer)
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(buffer) as full, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as classic:
+            for entry in full.infolist():
+                if _CLASSIC_ZIP_ENTRY.match(entry.filename):
+                    classic.writestr(entry, full.read(entry))
+
+    return atomic_write(path, write)
 
 
 def save_prefix(path: str | Path, prefix: PrefixFile, fmt: str) -> Path:
@@ -196,6 +212,14 @@ def _model_command(args) -> int:
 
     out = Path(args.out)
     _refuse_overwrite(out, args.force)
+    if args.format == "single-file":
+        from apl_jax.single_file import check_output
+
+        check_output(out)  # before the model loads, which takes a while for a real one
+        load_model(args.model).save_single_file(out)
+        print(f"wrote {out}: one SD 1.x checkpoint in the original layout (AUTOMATIC1111, ComfyUI, "
+              "StableDiffusionPipeline.from_single_file)")
+        return 0
     load_model(args.model).save(out, weights="pt")
     print(f"wrote {out}: a diffusers folder with PyTorch safetensors (StableDiffusionPipeline.from_pretrained)")
     return 0
@@ -210,9 +234,12 @@ def main(argv=None) -> int:
     prefix.add_argument("--format", required=True, choices=FORMATS)
     prefix.add_argument("--placeholder", help="rename the placeholder (default: the source's)")
     prefix.add_argument("--force", action="store_true", help="overwrite an existing output")
-    model = commands.add_parser("model", help="write a model as a diffusers folder with PyTorch weights")
-    model.add_argument("--model", required=True, help="a preset name or a model folder")
-    model.add_argument("--out", required=True)
+    model = commands.add_parser("model", help="write a model for PyTorch tools: a diffusers folder or one file")
+    model.add_argument("--model", required=True, help="a preset name, a model folder or a single-file checkpoint")
+    model.add_argument("--out", required=True, help="a folder (diffusers) or a .safetensors file (single-file)")
+    model.add_argument("--format", default="diffusers", choices=("diffusers", "single-file"),
+                       help="diffusers: a diffusers folder with PyTorch weights (default); single-file: one "
+                            "original-layout SD 1.x .safetensors")
     model.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     return _prefix_command(args) if args.command == "prefix" else _model_command(args)

@@ -1,4 +1,4 @@
-"""Training metrics: DIR/metrics.jsonl (one JSON object per logged step) and a loss-curve PNG."""
+"""Training metrics: DIR/metrics.jsonl (one JSON object per logged step), TensorBoard event files and a loss-curve PNG."""
 
 from __future__ import annotations
 
@@ -9,6 +9,36 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from tensorboardX import SummaryWriter  # noqa: E402
+
+TENSORBOARD_SCALARS = ("loss", "grad_norm", "steps_per_s", "learning_rate")
+
+
+def smooth(values: list[float], weight: float) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased so it does not start at 0."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**i))
+    return out
+
+
+class TensorBoardLog:
+    """The scalars of each record as TensorBoard events in DIR (tensorboard --logdir DIR); no TensorFlow needed."""
+
+    def __init__(self, workdir: Path, first_step: int):
+        # TensorBoard drops the events earlier files hold from purge_step on: the steps a resumed run redoes.
+        # The suffix keeps a quick resume from reusing the name (the time in it has whole seconds).
+        self.writer = SummaryWriter(str(workdir), purge_step=first_step, filename_suffix=f".from{first_step}")
+
+    def log(self, record: dict) -> None:
+        for key in TENSORBOARD_SCALARS:
+            if key in record:
+                self.writer.add_scalar(key, record[key], record["step"])
+        self.writer.flush()  # complete on disk at every logged step, as metrics.jsonl is
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class MetricsLog:
@@ -20,17 +50,27 @@ class MetricsLog:
             lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             self.records = [r for r in lines if r["step"] <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.tensorboard = TensorBoardLog(self.path.parent, resume_step + 1)
 
     def log(self, record: dict) -> None:
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self.tensorboard.log(record)
+
+    def close(self) -> None:
+        self.tensorboard.close()
 
     def plot(self, out: Path | None = None) -> Path:
         out = out or self.path.with_name("loss.png")
         steps = [r["step"] for r in self.records]
+        losses = [r["loss"] for r in self.records]
+        # An average over about 2% of the run: the per-step loss is noisy (random timesteps and noise).
+        weight = 1 - 1 / max(1.0, len(losses) / 50)
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(steps, [r["loss"] for r in self.records], lw=1, label="loss")
+        ax.plot(steps, losses, lw=0.8, alpha=0.35, color="C0", label="loss")
+        ax.plot(steps, smooth(losses, weight), lw=1.6, color="C0", label=f"smoothed (EMA, weight {weight:.3f})")
+        ax.legend()
         ax.set_xlabel("step")
         ax.set_ylabel("APL loss")
         ax.set_yscale("log")

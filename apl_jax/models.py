@@ -22,8 +22,9 @@ from diffusers import FlaxAutoencoderKL, FlaxDDPMScheduler, FlaxUNet2DConditionM
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
 from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule
 
-from apl_jax import convert
+from apl_jax import convert, single_file
 from apl_jax.errors import UserError
+from apl_jax.files import save_safetensors
 from apl_jax.manifest import MANIFEST, verify
 from apl_jax.tokenizer import MAX_LENGTH, load_tokenizer
 
@@ -97,6 +98,9 @@ class FrozenSD:
     def save(self, folder: str | Path, weights: str = "flax", dtype: str = "float32") -> None:
         save_model(self, folder, weights, dtype)
 
+    def save_single_file(self, path: str | Path) -> Path:
+        return save_single_file(self, path)
+
 
 def _replace_token_table(text_params, table):
     embeddings = {**text_params["text_model"]["embeddings"], "token_embedding": {"embedding": table}}
@@ -110,6 +114,16 @@ def _cast(params, dtype):
 def _text_init_shapes(module: FlaxCLIPTextModule):
     ids = jnp.zeros((1, MAX_LENGTH), jnp.int32)
     return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, ids, ids)["params"])
+
+
+def expected_shapes(text_config: CLIPTextConfig, unet: FlaxUNet2DConditionModel, vae: FlaxAutoencoderKL) -> dict[str, Any]:
+    """The param shapes (jax.ShapeDtypeStruct trees) the configs imply; nothing is initialised."""
+    key = jax.random.PRNGKey(0)
+    return {
+        "text_encoder": _text_init_shapes(FlaxCLIPTextModule(text_config)),
+        "unet": jax.eval_shape(unet.init_weights, key),
+        "vae": jax.eval_shape(vae.init_weights, key),
+    }
 
 
 def _assemble(tokenizer, text_config, unet, vae, scheduler_config, params, dtype_name) -> FrozenSD:
@@ -139,12 +153,21 @@ SD1_SCHEDULER = {
 }
 
 
+# What every SD 1.x text encoder shares (CLIP's vocabulary and context); the rest is per model.
+SD1_TEXT = dict(vocab_size=49408, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
+                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+# Stable Diffusion 1.5's configs (CLIP ViT-L/14 text, 860M-parameter UNet, the f8 VAE)
+SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
+SD15_UNET = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+                 cross_attention_dim=768, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
+
+
 def random_model(text: dict, unet: dict, vae: dict, dtype: str) -> FrozenSD:
     """Random SD-1.x-shaped weights, deterministic (seed 0), initialised under jax.jit."""
-    text_config = CLIPTextConfig(
-        vocab_size=49408, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, **text,
-    )
+    text_config = CLIPTextConfig(**SD1_TEXT, **text)
     unet = FlaxUNet2DConditionModel(in_channels=4, out_channels=4, dtype=DTYPES[dtype], **unet)
     vae = FlaxAutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, dtype=DTYPES[dtype], **vae)
     text_module = FlaxCLIPTextModule(config=text_config)
@@ -177,17 +200,7 @@ def tiny_random(dtype: str = "float32") -> FrozenSD:
 
 def sd15_random(dtype: str = "float32") -> FrozenSD:
     """Stable Diffusion 1.5's exact shapes (860M-parameter UNet, CLIP ViT-L/14 text) with random weights: for benchmarks."""
-    return random_model(
-        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                  projection_dim=768),
-        unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
-                  cross_attention_dim=768,
-                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
-        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-                 up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512),
-        dtype=dtype,
-    )
+    return random_model(text=SD15_TEXT, unet=SD15_UNET, vae=SD15_VAE, dtype=dtype)
 
 
 PRESETS = {"tiny-random": tiny_random, "sd15-random": sd15_random}
@@ -230,10 +243,7 @@ def _read_weights(folder: Path, component: str, expected) -> dict[str, Any]:
             params = convert.pt_to_flax(state, expected)
     else:
         raise UserError(f"{sub} has no weights: expected {flax_name} (Flax) or {pt_name} (PyTorch safetensors)")
-    problems = convert.shape_mismatches(params, expected)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(f"weights in {sub} do not match its config.json: {problems[0]}{more}")
+    _check_weights(params, expected, sub, "its config.json")
     return params
 
 
@@ -246,14 +256,39 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON: {err}") from None
 
 
+def _check_weights(params, expected, where: str, config: str) -> None:
+    problems = convert.shape_mismatches(params, expected)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"weights in {where} do not match {config}: {problems[0]}{more}")
+
+
+def _load_single_file(path: Path, dtype: str) -> FrozenSD:
+    state, configs = single_file.read(path)
+    text_config = CLIPTextConfig.from_dict({**SD1_TEXT, **configs["text_encoder"]})
+    unet = FlaxUNet2DConditionModel.from_config(configs["unet"], dtype=DTYPES[dtype])
+    vae = FlaxAutoencoderKL.from_config(configs["vae"], dtype=DTYPES[dtype])
+    params = {}
+    for name, expected in expected_shapes(text_config, unet, vae).items():
+        params[name] = single_file.component_params(state, name, configs[name], expected, path)
+        _check_weights(params[name], expected, f"{path} ({name})", "the config stored in it or inferred from it")
+    return _assemble(load_tokenizer(), text_config, unet, vae, configs.get("scheduler", SD1_SCHEDULER), params, dtype)
+
+
 def load_model(path: str | Path, dtype: str = "float32") -> FrozenSD:
-    """A preset or shipped model's name, or a diffusers-format Stable Diffusion folder (Flax or PyTorch
-    safetensors weights). A folder with a MANIFEST.json has its files' sha256 checked first."""
+    """A preset or shipped model's name, a diffusers-format Stable Diffusion folder (Flax or PyTorch
+    safetensors weights), or a single-file SD 1.x checkpoint in the original layout (.safetensors, or
+    .ckpt with torch). A folder with a MANIFEST.json has its files' sha256 checked first."""
     if dtype not in DTYPES:
         raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if str(path) in PRESETS:
         return PRESETS[str(path)](dtype)
     folder = resolve_model(path)
+    if folder.is_file() and folder.suffix in single_file.SUFFIXES:
+        return _load_single_file(folder, dtype)
+    if folder.is_file():
+        raise UserError(f"model file {folder} is not a single-file checkpoint ({' or '.join(single_file.SUFFIXES)}); "
+                        "model.path is one of those, a diffusers folder or a model name")
     if not folder.is_dir():
         names = ", ".join([*PRESETS, *shipped_models()])
         raise UserError(f"model folder {folder} does not exist (and {path!r} is not a model name: {names})")
@@ -269,12 +304,8 @@ def load_model(path: str | Path, dtype: str = "float32") -> FrozenSD:
     text_config = CLIPTextConfig.from_dict(_read_config(folder / "text_encoder" / "config.json"))
     unet = FlaxUNet2DConditionModel.from_config(_read_config(folder / "unet" / "config.json"), dtype=DTYPES[dtype])
     vae = FlaxAutoencoderKL.from_config(_read_config(folder / "vae" / "config.json"), dtype=DTYPES[dtype])
-    key = jax.random.PRNGKey(0)
-    params = {
-        "text_encoder": _read_weights(folder, "text_encoder", _text_init_shapes(FlaxCLIPTextModule(text_config))),
-        "unet": _read_weights(folder, "unet", jax.eval_shape(unet.init_weights, key)),
-        "vae": _read_weights(folder, "vae", jax.eval_shape(vae.init_weights, key)),
-    }
+    params = {name: _read_weights(folder, name, expected)
+              for name, expected in expected_shapes(text_config, unet, vae).items()}
     scheduler_config = _read_config(folder / "scheduler" / "scheduler_config.json")
     return _assemble(load_tokenizer(folder / "tokenizer"), text_config, unet, vae, scheduler_config, params, dtype)
 
@@ -306,7 +337,7 @@ def save_model(model: FrozenSD, folder: str | Path, weights: str = "flax", dtype
         if weights == "flax":
             (sub / flax_name).write_bytes(flax.serialization.to_bytes(jax.device_get(params)))
         else:
-            safetensors.numpy.save_file(convert.flax_to_pt(jax.device_get(params)), sub / pt_name, metadata={"format": "pt"})
+            save_safetensors(sub / pt_name, convert.flax_to_pt(jax.device_get(params)), metadata={"format": "pt"})
     prefix = "" if weights == "pt" else "Flax"
     index = {
         "_class_name": f"{prefix}StableDiffusionPipeline",
@@ -320,3 +351,16 @@ def save_model(model: FrozenSD, folder: str | Path, weights: str = "flax", dtype
         "requires_safety_checker": False,
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _public(config) -> dict[str, Any]:
+    return {key: value for key, value in dict(config).items() if not key.startswith("_")}
+
+
+def save_single_file(model: FrozenSD, path: str | Path) -> Path:
+    """One original-layout (CompVis/LDM) SD 1.x .safetensors, float32, with our configs in its metadata."""
+    path = single_file.check_output(path)
+    components = {name: convert.flax_to_pt(jax.device_get(model.params[name])) for name in ("text_encoder", "unet", "vae")}
+    configs = {"text_encoder": model.text_config.to_diff_dict(), "unet": _public(model.unet.config),
+               "vae": _public(model.vae.config), "scheduler": _public(model.scheduler.config)}
+    return single_file.save(path, components, configs)

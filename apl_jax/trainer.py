@@ -180,6 +180,7 @@ def _train_from(config, workdir, model, placeholder_id, host_input, optimizer, s
             result.prefix_file = save_diffusers_prefix(workdir / "prefix.safetensors", state["params"], config.prefix.placeholder)
         if metrics_log.records:
             metrics_log.plot()
+        metrics_log.close()
     return result
 
 
@@ -204,7 +205,8 @@ def _loop(config, step_fn, device_state, frozen, batch, host_input, checkpointer
                 loss = float(values["loss"])
                 rate = (step - tic_step) / (time.perf_counter() - tic)
                 tic, tic_step = time.perf_counter(), step
-                metrics_log.log({"step": step, "loss": loss, "grad_norm": float(values["grad_norm"]), "steps_per_s": rate})
+                metrics_log.log({"step": step, "loss": loss, "grad_norm": float(values["grad_norm"]), "steps_per_s": rate,
+                                 "learning_rate": config.train.learning_rate})
                 bar.set_postfix(loss=f"{loss:.4g}", steps_s=f"{rate:.2f}")
             interrupted = stop.requested()
             if is_main and (interrupted or step % config.train.checkpoint_every == 0 or step == config.train.steps):

@@ -1,9 +1,11 @@
-"""Shared test set-up: one XLA compilation cache for the session and its subprocesses."""
+"""Shared test set-up: one XLA compilation cache for the session and its subprocesses; umask helpers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -64,3 +66,24 @@ def tiny():
     from apl_jax.models import tiny_random
 
     return tiny_random()
+
+
+@contextlib.contextmanager
+def umask(mask):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def modes(root):
+    """{relative path: permission bits} of every file and folder under root."""
+    return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in root.rglob("*")}
+
+
+def assert_umask_modes(root, mask):
+    found = modes(root)
+    assert found
+    want = {path: (0o777 if (root / path).is_dir() else 0o666) & ~mask for path in found}
+    assert found == want

@@ -1,5 +1,8 @@
+import pickle
+import re
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -39,6 +42,69 @@ def test_pt_round_trip(tmp_path, fmt, capsys):
         assert "official APL format" in capsys.readouterr().err
     else:
         assert raw["string_to_token"] == {"*": 265} and raw["step"] == 7 and raw["name"] == "a1111"
+
+
+# AUTOMATIC1111's modules/safe.py (its safe unpickle check, on by default), restated: the zip entry
+# names it allows, and the globals its restricted unpickler lets a .pt file reference.
+A1111_ZIP_ENTRY = re.compile(r"^([^/]+)/((data/\d+)|version|(data\.pkl))$")
+A1111_GLOBALS = {
+    ("collections", "OrderedDict"), ("__builtin__", "set"), ("_codecs", "encode"),
+    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_device_tensor_from_numpy"), ("torch.nn.modules.container", "ParameterDict"),
+    ("numpy.core.multiarray", "scalar"), ("numpy.core.multiarray", "_reconstruct"), ("numpy", "dtype"), ("numpy", "ndarray"),
+    *(("torch", name) for name in ("FloatStorage", "HalfStorage", "IntStorage", "LongStorage", "DoubleStorage",
+                                   "ByteStorage", "float32", "BFloat16Storage")),
+}
+
+
+def a1111_safe_load(path):
+    """What A1111's check does with a zip .pt: refuse unknown entries, then unpickle data.pkl with only
+    A1111_GLOBALS and storages (empty ones: it checks the pickle, torch.load reads the data afterwards)."""
+    import torch
+
+    class Restricted(pickle.Unpickler):
+        def persistent_load(self, saved_id):
+            assert saved_id[0] == "storage"
+            return torch.storage.TypedStorage(_internal=True)
+
+        def find_class(self, module, name):
+            if (module, name) not in A1111_GLOBALS:
+                raise pickle.UnpicklingError(f"global '{module}/{name}' is forbidden")
+            return super().find_class(module, name)
+
+    with zipfile.ZipFile(path) as archive:
+        bad = [name for name in archive.namelist() if not A1111_ZIP_ENTRY.match(name)]
+        if bad:
+            raise pickle.UnpicklingError(f"bad file inside {path}: {bad[0]}")
+        (pkl,) = [name for name in archive.namelist() if name.endswith("/data.pkl")]
+        with archive.open(pkl) as f:
+            return Restricted(f).load()
+
+
+@pytest.mark.parametrize("fmt", ["a1111", "apl"])
+def test_pt_passes_a1111_safe_unpickle(tmp_path, fmt):
+    torch = pytest.importorskip("torch", reason="the .pt formats need the optional torch extra")
+    path = save_prefix(tmp_path / f"{fmt}.pt", PrefixFile(VECTORS, "alz", "test", step=7), fmt)
+    with zipfile.ZipFile(path) as archive:
+        assert sorted(name.split("/", 1)[1] for name in archive.namelist()) == \
+            (["data.pkl", "data/0", "version"] if fmt == "a1111" else ["data.pkl", "data/0", "data/1", "version"])
+    checked = a1111_safe_load(path)
+    params = checked["string_to_param"]
+    assert list(getattr(params, "_parameters", params)) == (["*"] if fmt == "a1111" else ["alz"])
+    # torch's weights-only loader: plain, as ComfyUI calls it, and with ParameterDict allowed for the official file
+    if fmt == "a1111":
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        assert loaded["string_to_token"] == {"*": 265} and loaded["name"] == "a1111" and loaded["step"] == 7
+    else:
+        with torch.serialization.safe_globals([torch.nn.ParameterDict]):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        assert isinstance(loaded["string_to_param"], torch.nn.ParameterDict)
+        assert list(loaded["string_to_param"]) == ["alz"] and int(loaded["string_to_token"]["alz"]) == 41128
+    np.testing.assert_array_equal(next(iter(loaded["string_to_param"].values())).detach().numpy(), VECTORS)
+    # the check bites: torch's own current layout is what A1111 refused
+    torch.save({"x": torch.zeros(1)}, tmp_path / "plain.pt")
+    with pytest.raises(pickle.UnpicklingError, match=r"bad file inside .*plain.pt: plain/\.format_version"):
+        a1111_safe_load(tmp_path / "plain.pt")
 
 
 def test_pt_without_torch_is_a_clear_error(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 import json
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from apl_jax.checkpoint import Checkpointer
 from apl_jax.config import load_config
 from apl_jax.errors import UserError
 from apl_jax.trainer import train
-from conftest import REPO, assert_close, run_train, train_env
+from conftest import REPO, assert_close, assert_umask_modes, run_train, train_env, umask
 
 
 def config(*overrides):
@@ -24,10 +25,37 @@ def prefix_of(workdir):
     return safetensors.numpy.load_file(workdir / "prefix.safetensors")["<alz>"]
 
 
+def read_events(path):
+    """The events of one TensorBoard file, read as TensorBoard reads them: TFRecord framing, both CRCs checked."""
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.record_writer import masked_crc32c
+
+    data, offset, events = path.read_bytes(), 0, []
+    while offset < len(data):
+        header = data[offset:offset + 8]
+        (length,) = struct.unpack("<Q", header)
+        assert struct.unpack("<I", data[offset + 8:offset + 12])[0] == masked_crc32c(header)
+        body = data[offset + 12:offset + 12 + length]
+        assert struct.unpack("<I", data[offset + 12 + length:offset + 16 + length])[0] == masked_crc32c(body)
+        events.append(Event.FromString(body))
+        offset += 16 + length
+    return events
+
+
+def scalars(events):
+    """{tag: {step: value}}"""
+    found = {}
+    for event in events:
+        for value in event.summary.value:
+            found.setdefault(value.tag, {})[event.step] = value.simple_value
+    return found
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight")
-    result = train(config("train.steps=6"), workdir)
+    with umask(0o027):  # every file of the workdir must follow it (test_outputs)
+        result = train(config("train.steps=6"), workdir)
     assert result.step == 6 and not result.interrupted
     return workdir
 
@@ -44,6 +72,26 @@ def test_outputs(straight):
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     assert header["__metadata__"] == {"format": "pt"}
     assert sorted(int(p.name) for p in (straight / "checkpoints").iterdir()) == [2, 4, 6]  # keep 3
+    assert_umask_modes(straight, 0o027)  # checkpoints, metrics, events, plot and prefix alike: no 0600 files
+
+
+def test_tensorboard_events(straight):
+    (path,) = straight.glob("events.out.tfevents.*")
+    logged = scalars(read_events(path))
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(logged) == ["grad_norm", "learning_rate", "loss", "steps_per_s"]
+    for tag, values in logged.items():
+        assert sorted(values) == [1, 2, 3, 4, 5, 6]
+        np.testing.assert_allclose([values[r["step"]] for r in records], [r[tag] for r in records], rtol=1e-6)
+    assert set(logged["learning_rate"].values()) == {np.float32(1e-3)}
+
+
+def test_loss_plot_smoothing():
+    from apl_jax.metrics import smooth
+
+    assert smooth([1.0, 2.0, 3.0], 0.0) == [1.0, 2.0, 3.0]
+    np.testing.assert_allclose(smooth([2.0, 2.0, 2.0], 0.9), [2.0, 2.0, 2.0])  # debiased: no pull towards 0
+    np.testing.assert_allclose(smooth([0.0, 1.0, 1.0], 0.5), [0.0, 0.5 / 0.75, 0.75 / 0.875])
 
 
 def test_resume_is_bitwise(straight, tmp_path):
@@ -57,6 +105,10 @@ def test_resume_is_bitwise(straight, tmp_path):
     assert [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
         json.loads(l)["loss"] for l in straight_losses.splitlines()
     ]
+    # the resumed run's event file tells TensorBoard to drop later steps of the first one
+    first, second = (read_events(tmp_path / name) for name in sorted(p.name for p in tmp_path.glob("events.out.tfevents.*")))
+    assert sorted(scalars(first)["loss"]) == [1, 2, 3] and sorted(scalars(second)["loss"]) == [4, 5, 6]
+    assert [(e.step, e.session_log.status) for e in second if e.HasField("session_log")] == [(4, 1)]  # START
 
 
 def test_incompatible_checkpoint_is_an_error(straight, tmp_path):
