@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from apl_jax import preflight
 from apl_jax.errors import UserError
 
 DEFAULT_CONFIG = "configs/mini.yaml"  # APL-mini: train, then the compare grid and the evaluation
@@ -77,13 +78,15 @@ def train_main(argv=None) -> None:
 def add_sampler_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny-random", help="a model folder or preset (default tiny-random)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=preflight.seed, default=0)
     parser.add_argument("--scheduler", default="ddim", help="ddim | pndm | dpm++ (default ddim)")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=preflight.at_least(1, "--steps"), default=20)
     parser.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    parser.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per compiled call (default: device count)")
+    parser.add_argument("--resolution", type=preflight.at_least(8, "--resolution"), default=None,
+                        help="pixels (default: the model's)")
+    parser.add_argument("--batch-size", type=preflight.at_least(1, "--batch-size"), default=None,
+                        help="images per compiled call (default: device count)")
 
 
 def sampler_config(args):
@@ -103,12 +106,16 @@ def _sample(argv) -> int:
     parser.add_argument("--compare", action="store_true", help="each prompt without and with the prefix, same seeds")
     parser.add_argument("--out", default="grid.png", help="the grid PNG")
     parser.add_argument("--save-dir", help="also save every image here")
-    parser.add_argument("--scale", type=int, default=None, help="grid upscaling (default: to at least 128 px)")
+    parser.add_argument("--scale", type=preflight.at_least(1, "--scale"), default=None,
+                        help="grid upscaling (default: to at least 128 px)")
     args = parser.parse_args(argv)
     if args.compare and not args.prefix:
         raise UserError("--compare needs --prefix")
     if args.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+    preflight.image_file(args.out, "--out")
+    if args.save_dir:
+        preflight.folder(args.save_dir, "--save-dir")
 
     from apl_jax.export import load_prefix
     from apl_jax.models import load_model

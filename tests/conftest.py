@@ -44,6 +44,16 @@ def run_train(workdir: Path, *overrides: str, devices: int = 1, timeout: int = 6
     return subprocess.run(args, env=train_env(devices), cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def sample_cli(*args, devices=1) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "sample.py"), *args], env=train_env(devices), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+def export_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "apl_jax.export", *args], env=train_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     from apl_jax.models import tiny_random

@@ -1,6 +1,3 @@
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -8,7 +5,7 @@ from PIL import Image
 from apl_jax.errors import UserError
 from apl_jax.generate_identities import generate, identity_prompt, read_names
 from apl_jax.sampling import Sampler, SamplerConfig, prompt_grid
-from conftest import REPO, train_env
+from conftest import REPO, sample_cli
 
 PROMPTS = ["a photo of Ada Quill", "a red square on a blue background", "a portrait of Bo Fenwick"]
 
@@ -81,11 +78,6 @@ def test_bad_inputs(tiny):
         Sampler(tiny, SamplerConfig(steps=1))(["x"], with_prefix=True)
     with pytest.raises(UserError, match="resolution 34 is not divisible by the VAE factor 4"):
         Sampler(tiny, SamplerConfig(resolution=34))
-
-
-def sample_cli(*args, devices=1):
-    return subprocess.run([sys.executable, str(REPO / "sample.py"), *args], env=train_env(devices), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
 
 
 def test_same_seed_same_images_on_one_or_eight_devices(tmp_path):
