@@ -11,7 +11,8 @@ from pathlib import Path
 from apl_jax import preflight
 from apl_jax.errors import UserError
 
-DEFAULT_CONFIG = "configs/mini.yaml"  # APL-mini: train, then the compare grid and the evaluation
+# APL-mini: train, then the compare grid and the evaluation; found from any current folder
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "mini.yaml")
 
 
 def enable_compilation_cache() -> None:

@@ -21,9 +21,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from apl_jax import preflight
+from apl_jax.config import DEFAULT_TEMPLATES
 from apl_jax.errors import UserError
-
-DEFAULT_TEMPLATES = "configs/data/templates.yaml"
 
 
 def read_lines(path: Path, what: str) -> list[str]:

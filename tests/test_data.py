@@ -290,7 +290,7 @@ def test_all_images_unreadable_is_an_error(tmp_path):
      r"data.neutral_mode must be one of empty, attributes, got 'attr'"),
     (["data.source=folders", "data.identity_dir=/nope", "data.identity_prob=1"],
      r"data.identity_dir: folder /nope does not exist"),
-    (["data.source=files"], r"data.source must be 'synthetic', 'folders' or 'mini', got 'files'"),
+    (["data.source=files"], r"config key data.source must be one of synthetic, folders, mini, got 'files'"),
     (["data.identity_dir=/x"], r"only apply to data.source=folders; add --set data.source=folders"),
 ])
 def test_bad_data_config(overrides, message):

@@ -226,6 +226,6 @@ def test_train_py_defaults_to_apl_mini():
     from apl_jax.config import load_config
     from conftest import REPO
 
-    config = load_config(REPO / DEFAULT_CONFIG)
-    assert DEFAULT_CONFIG == "configs/mini.yaml"
+    config = load_config(DEFAULT_CONFIG)
+    assert DEFAULT_CONFIG == str(REPO / "configs" / "mini.yaml")  # the project's, whatever the current folder
     assert (config.model.path, config.data.source, config.eval.mini) == ("apl-mini", "mini", True)
