@@ -16,7 +16,7 @@ import optax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from apl_jax import objective, parallel
+from apl_jax import objective, parallel, preflight
 from apl_jax.checkpoint import Checkpointer
 from apl_jax.config import Config, TrainConfig
 from apl_jax.data.prompts import Templates
@@ -29,6 +29,7 @@ from apl_jax.latent_cache import LatentCache
 from apl_jax.metrics import MetricsLog
 from apl_jax.models import FrozenSD, load_model
 from apl_jax.prefix import init_prefix, single_token_id
+from apl_jax.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
 
@@ -123,22 +124,38 @@ def initial_state(config: Config, model: FrozenSD, optimizer) -> dict:
     return jax.device_get(state)
 
 
+def _claim_workdir(workdir: Path, stack: contextlib.ExitStack) -> None:
+    """Process 0 checks the workdir and locks it, before any model loads; the others learn of a failure."""
+    failure = None
+    if jax.process_index() == 0:
+        try:
+            preflight.folder(workdir, "workdir")
+            workdir.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(WorkdirLock(workdir))
+        except UserError as err:
+            failure = str(err)
+    if jax.process_count() > 1:  # the other hosts would otherwise wait for process 0 forever
+        failure = parallel.broadcast_json(failure)
+    if failure is not None:
+        raise UserError(failure)
+
+
 def train(config: Config, workdir: str | Path) -> TrainResult:
     parallel.initialize_distributed(config.parallel)
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
     parallel.per_device_batch(config.train.batch_size)  # refuse a bad batch size before loading anything
 
-    model = load_model(config.model.path, config.model.dtype)
-    placeholder_id = single_token_id(model, config.prefix.placeholder)
-    host_input = make_input(config, model)
-    optimizer = make_optimizer(config.train)
-    state = initial_state(config, model, optimizer)
-
     with contextlib.ExitStack() as stack:
+        _claim_workdir(workdir, stack)
+        model = load_model(config.model.path, config.model.dtype)
+        placeholder_id = single_token_id(model, config.prefix.placeholder)
+        host_input = make_input(config, model)
+        optimizer = make_optimizer(config.train)
+        state = initial_state(config, model, optimizer)
+
         checkpointer, data_state = None, None
         if is_main:
-            workdir.mkdir(parents=True, exist_ok=True)
             checkpointer = stack.enter_context(
                 Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints, config.to_dict())
             )

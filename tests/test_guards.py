@@ -1,12 +1,85 @@
 """Training that cannot silently go wrong: NaN guard, one run per workdir, crash-safe metrics, outputs checked first."""
 
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import safetensors.numpy
 
 from apl_jax import preflight
 from apl_jax.errors import UserError
-from conftest import export_cli, sample_cli
+from apl_jax.trainer import train
+from apl_jax.workdir_lock import WorkdirLock
+from conftest import export_cli, run_train, sample_cli, start_train, tiny_config, wait_for_metrics
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+# ---------------------------------------------------------------- one run per workdir
+
+
+def test_a_second_run_on_the_same_workdir_is_refused(tmp_path):
+    first = start_train(tmp_path)
+    try:
+        wait_for_metrics(tmp_path, 1)
+        holder = json.loads((tmp_path / "lock").read_text())
+        assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+        second = run_train(tmp_path, "train.steps=2", "model.path=/no/such/model")  # refused before the model loads
+        assert second.returncode == 2
+        assert second.stderr.strip() == (
+            f"error: workdir {tmp_path} is in use by another run (pid {first.pid} on {socket.gethostname()}, "
+            f"since {holder['since']}); wait for it to end or use another --workdir (if that run is gone, "
+            f"delete {tmp_path / 'lock'})")
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, _ = first.communicate(timeout=120)
+    assert first.returncode == 143, out
+    assert not (tmp_path / "lock").exists()  # released at exit
+
+
+def test_a_stale_lock_is_taken_over(tmp_path, caplog):
+    pid, host = dead_pid(), socket.gethostname()
+    (tmp_path / "lock").write_text(json.dumps({"pid": pid, "host": host, "since": "yesterday"}))
+    with caplog.at_level(logging.WARNING, logger="apl_jax"):
+        assert train(tiny_config("train.steps=1"), tmp_path).step == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "apl_jax.workdir_lock"] == [
+        f"taking over {tmp_path / 'lock'}: its run (pid {pid} on {host}) is gone"]
+    assert not (tmp_path / "lock").exists()
+
+
+def test_a_lock_naming_this_very_process_is_stale(tmp_path, caplog):
+    """What a killed run leaves when a restarted container gives the new run the same pid."""
+    pid, host = os.getpid(), socket.gethostname()
+    (tmp_path / "lock").write_text(json.dumps({"pid": pid, "host": host}))
+    with caplog.at_level(logging.WARNING, logger="apl_jax"), WorkdirLock(tmp_path):
+        assert json.loads((tmp_path / "lock").read_text())["pid"] == pid
+    assert [r.getMessage() for r in caplog.records] == [f"taking over {tmp_path / 'lock'}: its run (pid {pid} on {host}) is gone"]
+    assert not (tmp_path / "lock").exists()
+
+
+def test_a_lock_from_another_host_counts_as_held(tmp_path):
+    (tmp_path / "lock").write_text(json.dumps({"pid": dead_pid(), "host": "other-host", "since": "2026-01-01 10:00:00"}))
+    with pytest.raises(UserError) as raised, WorkdirLock(tmp_path):
+        pass
+    pid = json.loads((tmp_path / "lock").read_text())["pid"]
+    assert str(raised.value) == (
+        f"workdir {tmp_path} is in use by another run (pid {pid} on other-host, since 2026-01-01 10:00:00); wait for it "
+        f"to end or use another --workdir (if that run is gone, delete {tmp_path / 'lock'})")
+    (tmp_path / "lock").write_text("{")
+    with pytest.raises(UserError) as raised, WorkdirLock(tmp_path):
+        pass
+    assert str(raised.value) == (f"{tmp_path / 'lock'} exists but cannot be read; if no run is using {tmp_path}, "
+                                 "delete it and start again")
 
 
 # ---------------------------------------------------------------- outputs checked before any model loads
@@ -82,3 +155,10 @@ def test_export_refuses_bad_targets_before_reading_or_writing(tmp_path):
     done = export_cli("model", *NO_MODEL, "--out", str(tmp_path / "file"), "--force")
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: --out {tmp_path}/file is a file, not a folder"
+
+
+def test_train_refuses_a_workdir_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    done = run_train(tmp_path / "file", "model.path=/no/such/model")
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"error: workdir {tmp_path}/file is a file, not a folder"

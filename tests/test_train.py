@@ -1,23 +1,15 @@
 import json
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import safetensors.numpy
 
 from apl_jax.checkpoint import Checkpointer
-from apl_jax.config import load_config
 from apl_jax.errors import UserError
 from apl_jax.trainer import train
-from conftest import REPO, run_train, train_env
-
-
-def config(*overrides):
-    return load_config(REPO / "configs/tiny.yaml", ["train.batch_size=2", "train.checkpoint_every=2", *overrides])
+from conftest import run_train, start_train, tiny_config as config, wait_for_metrics
 
 
 def prefix_of(workdir):
@@ -77,19 +69,15 @@ def test_corrupt_checkpoint_is_an_error(straight, tmp_path):
 
 
 def test_sigterm_leaves_a_restorable_checkpoint(tmp_path):
-    args = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/tiny.yaml"), "--workdir", str(tmp_path),
-            "--set", "train.steps=100000", "--set", "train.checkpoint_every=100000", "--set", "train.batch_size=2"]
-    proc = subprocess.Popen(args, env=train_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-        time.sleep(0.2)
+    proc = start_train(tmp_path)
+    wait_for_metrics(tmp_path, 3)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, out
     assert "stopped by signal at step" in out
     stopped_at = int(out.split("stopped by signal at step ")[1].split(";")[0])
     assert stopped_at >= 3
+    metrics = tmp_path / "metrics.jsonl"
     assert not (tmp_path / "prefix.safetensors").exists()  # no export of an unfinished run
 
     checkpointer = Checkpointer(tmp_path / "checkpoints", 3, config().to_dict())
