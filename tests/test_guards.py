@@ -25,6 +25,10 @@ def dead_pid() -> int:
     return child.pid
 
 
+def records(workdir) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
 # ---------------------------------------------------------------- one run per workdir
 
 
@@ -80,6 +84,20 @@ def test_a_lock_from_another_host_counts_as_held(tmp_path):
         pass
     assert str(raised.value) == (f"{tmp_path / 'lock'} exists but cannot be read; if no run is using {tmp_path}, "
                                  "delete it and start again")
+
+
+# ---------------------------------------------------------------- crash-safe metrics
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, caplog):
+    train(tiny_config("train.steps=2"), tmp_path)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 0.0')  # what a crash in the middle of a write leaves
+    with caplog.at_level(logging.WARNING, logger="apl_jax"):
+        assert train(tiny_config("train.steps=4"), tmp_path).step == 4
+    assert [r.getMessage() for r in caplog.records if r.name == "apl_jax.metrics"] == [
+        f"{tmp_path / 'metrics.jsonl'}: dropped 1 unreadable line(s) (line 3), as a crash or a full disk leaves them"]
+    assert [r["step"] for r in records(tmp_path)] == [1, 2, 3, 4]
 
 
 # ---------------------------------------------------------------- outputs checked before any model loads
