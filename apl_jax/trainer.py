@@ -231,9 +231,11 @@ def _loop(config, step_fn, device_state, frozen, batch, host_input, checkpointer
                 bar.set_postfix(loss=f"{loss:.4g}", steps_s=f"{rate:.2f}")
             interrupted = stop.requested()
             if is_main and (interrupted or step % config.train.checkpoint_every == 0 or step == config.train.steps):
-                checkpointer.save(parallel.unreplicate(device_state), data_state)
+                saved = checkpointer.save(parallel.unreplicate(device_state), data_state)
         if interrupted:
-            tqdm.write(f"stopped by signal at step {step}; checkpoint saved. Rerun the same command to resume.")
+            # Process 0 alone writes checkpoints, so only it can say one was saved.
+            tqdm.write(f"stopped by signal at step {step}; checkpoint saved in {saved}. Rerun the same command to resume."
+                       if is_main else f"stopped by signal at step {step}.")
     finally:
         bar.close()
         stop.restore()

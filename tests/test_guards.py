@@ -13,6 +13,7 @@ import pytest
 import safetensors.numpy
 
 from apl_jax import preflight
+from apl_jax.checkpoint import Checkpointer
 from apl_jax.errors import UserError
 from apl_jax.trainer import train
 from apl_jax.workdir_lock import WorkdirLock
@@ -98,6 +99,14 @@ def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records if r.name == "apl_jax.metrics"] == [
         f"{tmp_path / 'metrics.jsonl'}: dropped 1 unreadable line(s) (line 3), as a crash or a full disk leaves them"]
     assert [r["step"] for r in records(tmp_path)] == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_keep_checkpoints_must_be_at_least_one(tmp_path):
+    with pytest.raises(UserError, match=r"^train.keep_checkpoints must be >= 1, got 0$"):
+        Checkpointer(tmp_path, 0, {})
 
 
 # ---------------------------------------------------------------- outputs checked before any model loads
