@@ -1,11 +1,12 @@
 """Orbax checkpoints of the training state, the data position and the config.
 
-The state {params, opt_state, step, rng} is saved unreplicated, as host arrays, so
-it restores onto any device count. Only process 0 writes (and restores: the
-trainer broadcasts the result), which keeps every other host off the file system.
-A corrupt newest checkpoint is set aside and the newest intact one restored, with a
-warning; none intact, or one that belongs to an incompatible run, is an error:
-training never silently starts again from scratch.
+The state {params, opt_state, step, rng, skipped_steps, nonfinite_step} is saved
+unreplicated, as host arrays, so it restores onto any device count. Only process 0
+writes (and restores: the trainer broadcasts the result), which keeps every other
+host off the file system. A state with NaN or Inf is never saved. A corrupt newest
+checkpoint is set aside and the newest intact one restored, with a warning; none
+intact, or one that belongs to an incompatible run, is an error: training never
+silently starts again from scratch.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from apl_jax import nonfinite
 from apl_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class Checkpointer:
 
         Returns the checkpoint's folder, checked to be on disk."""
         step = int(state["step"])
+        nonfinite.require_finite(state, f"the training state of step {step}")
         if step in self.manager.all_steps():
             return self.directory / str(step)
         self.manager.save(
@@ -120,6 +123,9 @@ class Checkpointer:
         for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(abstract)):
             if got.shape != want.shape:
                 raise UserError(f"checkpoint {where}: {jax.tree_util.keystr(path)} has shape {got.shape}, this run expects {want.shape}")
+        bad = nonfinite.nonfinite_leaves(state)
+        if bad:  # written before the guard existed, or damaged on disk
+            raise _Corrupt(f"its state holds NaN or Inf in {', '.join(bad)}")
         return state, restored["data"]
 
     def _set_aside(self, corrupt: list[tuple[int, str]], restored: int) -> None:

@@ -22,6 +22,7 @@ from apl_jax.preflight import MAX_SEED
 # The project folder: shipped files (configs/...) resolve from here, not from the current folder.
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_TEMPLATES = str(PROJECT_DIR / "configs" / "data" / "templates.yaml")
+NAN_POLICIES = ("stop", "skip")
 
 
 @dataclasses.dataclass
@@ -53,6 +54,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     log_every: int = 1
+    # A NaN/Inf loss, gradient or update: stop (the run ends with an error naming the step; the last
+    # finite checkpoint stays) | skip (that step's update is dropped and counted in metrics.jsonl)
+    nan_policy: str = "stop"
 
 
 @dataclasses.dataclass
@@ -139,6 +143,7 @@ RANGES = {
 }
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
+    "train.nan_policy": NAN_POLICIES,
     "data.source": ("synthetic", "folders", "mini"),
     "data.neutral_mode": NEUTRAL_MODES,
 }

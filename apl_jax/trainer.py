@@ -16,7 +16,7 @@ import optax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from apl_jax import objective, parallel, preflight
+from apl_jax import nonfinite, objective, parallel, preflight
 from apl_jax.checkpoint import Checkpointer
 from apl_jax.config import Config, TrainConfig
 from apl_jax.data.prompts import Templates
@@ -120,7 +120,8 @@ class StopSignal:
 def initial_state(config: Config, model: FrozenSD, optimizer) -> dict:
     rng = jax.random.PRNGKey(config.train.seed)
     prefix = init_prefix(model, config.prefix.num_vectors, jax.random.fold_in(rng, 1), config.prefix.init_word)
-    state = {"params": prefix, "opt_state": optimizer.init(prefix), "step": np.int32(0), "rng": rng}
+    state = {"params": prefix, "opt_state": optimizer.init(prefix), "step": np.int32(0), "rng": rng,
+             **nonfinite.initial_fields()}
     return jax.device_get(state)
 
 
@@ -183,7 +184,7 @@ def _train_from(config, workdir, model, placeholder_id, host_input, optimizer, s
         negative_guidance=config.train.negative_guidance,
         fused_passes=config.train.fused_unet_passes,
     )
-    update_fn = parallel.make_update_fn(loss_fn, optimizer)
+    update_fn = parallel.make_update_fn(loss_fn, optimizer, config.train.nan_policy)
     frozen = parallel.replicate(model.params)
     device_state = parallel.replicate(state)
 
@@ -200,6 +201,7 @@ def _train_from(config, workdir, model, placeholder_id, host_input, optimizer, s
     result = TrainResult(step=int(state["step"]), interrupted=interrupted, prefix_file=None)
     if is_main:
         if not interrupted:
+            nonfinite.require_finite(state["params"], "the trained prefix")
             result.prefix_file = save_diffusers_prefix(workdir / "prefix.safetensors", state["params"], config.prefix.placeholder)
         if metrics_log.records:
             metrics_log.plot()
@@ -214,6 +216,7 @@ def _loop(config, step_fn, device_state, frozen, batch, host_input, checkpointer
     interrupted = False
     bar = tqdm(total=config.train.steps, initial=step, desc="APL", unit="step", disable=not is_main, dynamic_ncols=True)
     tic, tic_step = time.perf_counter(), step
+    skipped_at_start, warned = int(parallel.unreplicate(device_state["skipped_steps"])), False
     try:
         while step < config.train.steps and not interrupted:
             device_state, metrics = step_fn(device_state, frozen, batch)
@@ -222,15 +225,26 @@ def _loop(config, step_fn, device_state, frozen, batch, host_input, checkpointer
             if step < config.train.steps:
                 batch = parallel.shard(host_input.next_batch())  # prepared while the step runs
             bar.update(1)
-            if is_main and (step % config.train.log_every == 0 or step == config.train.steps):
-                values = parallel.unreplicate(metrics)  # the only host sync, once per logged step
+            interrupted = stop.requested()
+            log_now = step % config.train.log_every == 0 or step == config.train.steps
+            save_now = interrupted or step % config.train.checkpoint_every == 0 or step == config.train.steps
+            if not (log_now or save_now):
+                continue
+            values = parallel.unreplicate(metrics)  # the only host sync: logged and checkpointed steps
+            if is_main and log_now:
                 loss = float(values["loss"])
                 rate = (step - tic_step) / (time.perf_counter() - tic)
                 tic, tic_step = time.perf_counter(), step
-                metrics_log.log({"step": step, "loss": loss, "grad_norm": float(values["grad_norm"]), "steps_per_s": rate})
+                metrics_log.log({"step": step, "loss": loss, "grad_norm": float(values["grad_norm"]), "steps_per_s": rate,
+                                 "skipped_steps": int(values["skipped_steps"])})
                 bar.set_postfix(loss=f"{loss:.4g}", steps_s=f"{rate:.2f}")
-            interrupted = stop.requested()
-            if is_main and (interrupted or step % config.train.checkpoint_every == 0 or step == config.train.steps):
+            # Every process sees the same values (they are device-averaged), so all stop at the same step.
+            nonfinite.check_stop(values)
+            if not warned and values["skipped_steps"] > skipped_at_start:
+                log.warning("step %d: a NaN/Inf loss or gradient; such steps are skipped (train.nan_policy=skip) and "
+                            "counted as skipped_steps in metrics.jsonl", step)
+                warned = True  # once per run; metrics.jsonl has the count
+            if is_main and save_now:
                 saved = checkpointer.save(parallel.unreplicate(device_state), data_state)
         if interrupted:
             # Process 0 alone writes checkpoints, so only it can say one was saved.

@@ -9,15 +9,21 @@ import subprocess
 import sys
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import safetensors.numpy
 
-from apl_jax import preflight
+from apl_jax import nonfinite, preflight
 from apl_jax.checkpoint import Checkpointer
 from apl_jax.errors import UserError
 from apl_jax.trainer import train
 from apl_jax.workdir_lock import WorkdirLock
 from conftest import export_cli, run_train, sample_cli, start_train, tiny_config, wait_for_metrics
+
+EXPLODING = "train.learning_rate=1e30"  # step 1 moves the prefix to ~1e30; step 2's loss is NaN
+NAN_AT_STEP_2 = ("error: step 2: the loss, a gradient or the update is NaN or Inf; stopped (train.nan_policy=stop) "
+                 "without saving or exporting anything of step 2 or later. Lower train.learning_rate, or set "
+                 "train.nan_policy=skip to skip such steps")
 
 
 def dead_pid() -> int:
@@ -28,6 +34,48 @@ def dead_pid() -> int:
 
 def records(workdir) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def saved_state(workdir, step: int) -> dict:
+    with Checkpointer(workdir / "checkpoints", 3, tiny_config().to_dict()) as checkpointer:
+        return checkpointer.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+
+# ---------------------------------------------------------------- non-finite guard
+
+
+def test_nan_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path):
+    """From another current folder, so the shipped paths (templates) must resolve from the project."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = run_train(tmp_path / "w", EXPLODING, "train.steps=4", "train.checkpoint_every=1", "train.batch_size=2",
+                     cwd=elsewhere)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == NAN_AT_STEP_2
+    assert "Traceback" not in done.stderr
+    workdir = tmp_path / "w"
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1"]
+    assert not (workdir / "prefix.safetensors").exists()
+    assert not (workdir / "lock").exists()
+    state = saved_state(workdir, 1)
+    assert int(state["step"]) == 1 and int(state["skipped_steps"]) == 0
+    assert nonfinite.nonfinite_leaves(state) == []
+    assert np.abs(state["params"]).max() > 1e29  # the exploded, still finite step
+    assert [(r["step"], np.isnan(r["loss"]), r["skipped_steps"]) for r in records(workdir)] == [(1, False, 0), (2, True, 1)]
+
+
+def test_nan_policy_skip_drops_the_bad_steps(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="apl_jax"):
+        result = train(tiny_config(EXPLODING, "train.steps=4", "train.nan_policy=skip"), tmp_path)
+    assert result.step == 4 and result.prefix_file == tmp_path / "prefix.safetensors"
+    prefix = safetensors.numpy.load_file(result.prefix_file)["<alz>"]
+    assert np.isfinite(prefix).all()
+    assert [r["skipped_steps"] for r in records(tmp_path)] == [0, 1, 2, 3]
+    assert [r.getMessage() for r in caplog.records if r.name == "apl_jax.trainer"] == [
+        "step 2: a NaN/Inf loss or gradient; such steps are skipped (train.nan_policy=skip) and counted as "
+        "skipped_steps in metrics.jsonl"]
+    # Steps 2-4 kept step 1's prefix, which checkpoint 2 holds too.
+    np.testing.assert_array_equal(saved_state(tmp_path, 2)["params"], prefix)
 
 
 # ---------------------------------------------------------------- one run per workdir

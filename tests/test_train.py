@@ -125,7 +125,7 @@ def test_cli_user_errors_are_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == "error: unknown config key train.stepz; known keys here: " \
         "steps, batch_size, learning_rate, negative_guidance, grad_accum_steps, fused_unet_passes, cache_latents, seed, "\
-        "checkpoint_every, keep_checkpoints, log_every"
+        "checkpoint_every, keep_checkpoints, log_every, nan_policy"
     done = run_train(tmp_path, "model.path=/no/such/model")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: model folder /no/such/model does not exist")
