@@ -62,7 +62,7 @@ def make_input(config: Config, model: FrozenSD) -> HostInput:
         data = dataclasses.replace(data, identity_dir=str(identity_dir), caption_dir=str(caption_dir))
     if data.source in ("folders", "mini"):
         return folder_input(data, model.tokenizer, config.prefix.placeholder, config.train.seed,
-                            config.train.batch_size, *host_range)
+                            config.train.batch_size, *host_range, num_vectors=config.prefix.num_vectors)
     if data.source != "synthetic":
         raise UserError(f"data.source must be 'synthetic', 'folders' or 'mini', got {data.source!r}")
     if data.identity_dir or data.caption_dir or data.neutral_mode != "empty":
@@ -71,7 +71,7 @@ def make_input(config: Config, model: FrozenSD) -> HostInput:
                         "add --set data.source=folders")
     examples = SyntheticExamples(
         model.tokenizer, config.prefix.placeholder, Templates.load(data.templates),
-        resolution=data.resolution, identity_prob=data.identity_prob,
+        num_vectors=config.prefix.num_vectors, resolution=data.resolution, identity_prob=data.identity_prob,
         num_names=data.synthetic_names, num_captions=data.synthetic_captions, seed=config.train.seed,
     )
     return StreamInput(examples, config.train.batch_size, *host_range, threads=data.loader_threads)

@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -37,6 +39,16 @@ def test_prefix_changes_the_image(sampler):
     plain = sampler(PROMPTS[:2], seed=0)
     prefixed = sampler(PROMPTS[:2], seed=0, with_prefix=True)
     assert np.abs(plain.astype(int) - prefixed).mean() > 1
+
+
+def test_a_prompt_cut_by_the_prefix_is_reported(sampler, caplog):
+    prompt = "a portrait of " + "a person " * 33  # 71 tokens: it fits; "alz PROMPT" is 72, 81 with the prefix
+    with caplog.at_level(logging.WARNING, logger="apl_jax"):
+        sampler([prompt], seed=0)
+        sampler([prompt, prompt], seed=0, with_prefix=True)
+    assert [r.getMessage() for r in caplog.records if r.name == "apl_jax.tokenizer"] == [
+        f"prompt cut at 77 tokens (it has 81 with the prefix's 9 extra tokens); the text encoder never sees the rest: "
+        f"{'alz ' + prompt!r}"]
 
 
 def test_noise_index_is_per_image(sampler):
