@@ -1,16 +1,21 @@
 """Orbax checkpoints of the training state, the data position and the config.
 
-The state {params, opt_state, step, rng} is saved unreplicated, as host arrays, so
-it restores onto any device count. Only process 0 writes (and restores: the
-trainer broadcasts the result), which keeps every other host off the file system.
-A checkpoint that cannot be read, or that belongs to an incompatible run, is an
-error: training never silently starts again from scratch.
+The state {params, opt_state, step, rng, skipped_steps, nonfinite_step} is saved
+unreplicated, as host arrays, so it restores onto any device count. Only process 0
+writes (and restores: the trainer broadcasts the result), which keeps every other
+host off the file system. A state with NaN or Inf is never saved. A corrupt newest
+checkpoint is set aside and the newest intact one restored, with a warning; none
+intact, or one that belongs to an incompatible run, is an error: training never
+silently starts again from scratch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +23,25 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from apl_jax import nonfinite
 from apl_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+# What a damaged checkpoint raises when orbax/tensorstore read it.
+UNREADABLE = (ValueError, OSError, KeyError, json.JSONDecodeError)
 
 # Config keys that fix the shapes of the saved state; the rest (steps, logging...) may change on resume.
 STRUCTURAL_KEYS = (("model", "path"), ("prefix", "num_vectors"), ("prefix", "placeholder"), ("train", "grad_accum_steps"))
 
 
+class _Corrupt(Exception):
+    """A checkpoint that cannot be read back (the message says why)."""
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, keep: int, config: dict[str, Any]):
+        if keep < 1:  # orbax would delete every checkpoint right after saving it
+            raise UserError(f"train.keep_checkpoints must be >= 1, got {keep}")
         self.directory = Path(directory).absolute()
         self.config = config
         self.directory.mkdir(parents=True, exist_ok=True)  # orbax won't create it with active_processes set
@@ -43,11 +59,14 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, state: dict[str, Any], data_position: dict[str, Any]) -> None:
-        """Save host state at its own step; orbax commits atomically (temp dir, then rename)."""
+    def save(self, state: dict[str, Any], data_position: dict[str, Any]) -> Path:
+        """Save host state at its own step; orbax commits atomically (temp dir, then rename).
+
+        Returns the checkpoint's folder, checked to be on disk."""
         step = int(state["step"])
+        nonfinite.require_finite(state, f"the training state of step {step}")
         if step in self.manager.all_steps():
-            return
+            return self.directory / str(step)
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -58,17 +77,39 @@ class Checkpointer:
             force=True,
         )
         self.manager.wait_until_finished()
+        self.manager.reload()  # what is on disk, not what orbax meant to write
+        if step not in self.manager.all_steps():
+            raise RuntimeError(f"orbax reported checkpoint {step} saved, but {self.directory} does not hold it")
+        return self.directory / str(step)
 
     def restore(self, template: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """(state, data position) of the latest checkpoint, or None when there is none."""
-        step = self.latest_step()
-        if step is None:
-            return None
+        """(state, data position) of the newest intact checkpoint, or None when there is none.
+
+        Corrupt newer ones are moved to corrupt-checkpoints/ next to the checkpoint folder,
+        so that training can save those steps again."""
+        corrupt = []  # (step, why), newest first
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                with _quiet_closed_loop():
+                    restored = self._restore(step, template)
+            except _Corrupt as err:
+                corrupt.append((step, str(err)))
+                continue
+            if corrupt:
+                self._set_aside(corrupt, step)
+            return restored
+        if corrupt:
+            reasons = "; ".join(f"step {step}: {why}" for step, why in corrupt)
+            raise UserError(f"no checkpoint in {self.directory} can be restored: {reasons}; move {self.directory} "
+                            "away to train again from step 0")
+        return None
+
+    def _restore(self, step: int, template: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         where = self.directory / str(step)
         try:
             saved_config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        except (ValueError, OSError, KeyError, json.JSONDecodeError) as err:
-            raise UserError(f"checkpoint {where} has no readable config ({_brief(err)}); it is corrupt: move it away to start over") from None
+        except UNREADABLE as err:
+            raise _Corrupt(f"its config cannot be read ({_brief(err)})") from None
         self._check_compatible(saved_config, where)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         try:
@@ -76,13 +117,28 @@ class Checkpointer:
                 step,
                 args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()),
             )
-        except (ValueError, OSError, KeyError, json.JSONDecodeError) as err:
-            raise UserError(f"checkpoint {where} cannot be restored ({_brief(err)}); it is corrupt: move it away to start over") from None
+        except UNREADABLE as err:
+            raise _Corrupt(f"its state cannot be read ({_brief(err)})") from None
         state = jax.tree.map(np.asarray, restored["state"])
         for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(abstract)):
             if got.shape != want.shape:
                 raise UserError(f"checkpoint {where}: {jax.tree_util.keystr(path)} has shape {got.shape}, this run expects {want.shape}")
+        bad = nonfinite.nonfinite_leaves(state)
+        if bad:  # written before the guard existed, or damaged on disk
+            raise _Corrupt(f"its state holds NaN or Inf in {', '.join(bad)}")
         return state, restored["data"]
+
+    def _set_aside(self, corrupt: list[tuple[int, str]], restored: int) -> None:
+        aside = self.directory.parent / "corrupt-checkpoints"
+        aside.mkdir(exist_ok=True)
+        for step, why in corrupt:
+            # An earlier fallback may have set aside the same step number.
+            names = itertools.chain([str(step)], (f"{step}.{n}" for n in itertools.count(1)))
+            target = next(aside / name for name in names if not (aside / name).exists())
+            (self.directory / str(step)).rename(target)
+            log.warning("checkpoint %s is corrupt: %s; restored the newest intact one, %s, and moved the corrupt one to %s",
+                        self.directory / str(step), why, self.directory / str(restored), target)
+        self.manager.reload()
 
     def _check_compatible(self, saved: dict[str, Any], where: Path) -> None:
         for section, key in STRUCTURAL_KEYS:
@@ -101,6 +157,23 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _quiet_closed_loop():
+    """Drop the "Event loop is closed" tracebacks of a failed read: tensorstore still completes the
+    other reads into the event loop orbax has closed, and each would print a traceback."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
 def _brief(err: Exception) -> str:
@@ -127,6 +200,6 @@ def read_prefix(path: str | Path) -> tuple[np.ndarray, str, int]:
         try:
             restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                                      config=ocp.args.JsonRestore()))
-        except (ValueError, OSError, KeyError, json.JSONDecodeError) as err:
+        except UNREADABLE as err:
             raise UserError(f"checkpoint {root / str(step)} cannot be read ({_brief(err)})") from None
     return np.asarray(restored["state"]["params"], np.float32), restored["config"]["prefix"]["placeholder"], step

@@ -1,6 +1,6 @@
 """Command-line plumbing every program shares: one-line user errors, the compilation cache, sampler flags.
 
-A leaf: it imports nothing of the package but errors, so any entry point can use it.
+A leaf: it imports only the leaves errors and preflight, so any entry point can use it.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from apl_jax import preflight
 from apl_jax.errors import UserError
 
 
@@ -43,13 +44,15 @@ def run_main(main, argv=None) -> None:
 def add_sampler_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny-random", help="a model folder, preset or shipped model (default tiny-random)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=preflight.seed, default=0)
     parser.add_argument("--scheduler", default="ddim", help="ddim | pndm | dpm++ (default ddim)")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=preflight.at_least(1, "--steps"), default=20)
     parser.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    parser.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per compiled call (default: device count)")
+    parser.add_argument("--resolution", type=preflight.at_least(8, "--resolution"), default=None,
+                        help="pixels (default: the model's)")
+    parser.add_argument("--batch-size", type=preflight.at_least(1, "--batch-size"), default=None,
+                        help="images per compiled call (default: device count)")
 
 
 def sampler_settings(args: argparse.Namespace) -> dict:

@@ -1,18 +1,28 @@
 """Dataclass configs, read from configs/*.yaml with `--set a.b=c` overrides.
 
 Every key has a default here, so a YAML file only states what differs. Unknown
-keys are errors: a typo must not silently train with the default.
+keys, wrongly typed values and values outside a key's range (RANGES, CHOICES) are
+errors when the config loads: a typo must not silently train with the default, and
+a meaningless value must not fail after minutes of compiling.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from apl_jax.errors import UserError
+from apl_jax.preflight import MAX_SEED
+
+# The project folder: shipped files (configs/...) resolve from here, not from the current folder.
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_TEMPLATES = str(PROJECT_DIR / "configs" / "data" / "templates.yaml")
+NEUTRAL_MODES = ("empty", "attributes")  # the identity neutral prompt: official empty, or the description
+NAN_POLICIES = ("stop", "skip")
 
 
 @dataclasses.dataclass
@@ -44,6 +54,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     log_every: int = 1
+    # A NaN/Inf loss, gradient or update: stop (the run ends with an error naming the step; the last
+    # finite checkpoint stays) | skip (that step's update is dropped and counted in metrics.jsonl)
+    nan_policy: str = "stop"
 
 
 @dataclasses.dataclass
@@ -54,7 +67,7 @@ class DataConfig:
     identity_prob: float = 0.5  # chance that an example is an identity one, else generic
     neutral_mode: str = "empty"  # identity neutral prompt: empty (official) | attributes (manifest descriptions)
     resolution: int = 32
-    templates: str = "configs/data/templates.yaml"
+    templates: str = DEFAULT_TEMPLATES  # the project's own file, wherever train.py runs from
     cache_dir: str = "~/.cache/apl_jax/datasets"  # built array_record datasets, one folder per source fingerprint
     loader_threads: int = 8  # decode + tokenize threads of the folders loader
     synthetic_names: int = 8
@@ -91,15 +104,65 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def _at_least(low: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _between(low, high) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: low <= v <= high), f"in [{low}, {high}]"
+
+
+_POSITIVE_FINITE = ((lambda v: 0 < v < math.inf), "> 0 and finite")
+
+# The allowed values of every numeric key (tests/test_config.py checks that none is missing).
+RANGES = {
+    "prefix.num_vectors": _between(1, 75),  # 77 tokens minus start and end
+    "train.steps": _at_least(1),
+    "train.batch_size": _at_least(1),
+    "train.learning_rate": _POSITIVE_FINITE,
+    "train.negative_guidance": ((lambda v: 0 <= v < math.inf), ">= 0 and finite"),
+    "train.grad_accum_steps": _at_least(1),
+    "train.seed": _between(0, MAX_SEED),
+    "train.checkpoint_every": _at_least(1),
+    "train.keep_checkpoints": _at_least(1),
+    "train.log_every": _at_least(1),
+    "data.identity_prob": _between(0, 1),
+    "data.resolution": _at_least(8),
+    "data.loader_threads": _at_least(1),
+    "data.synthetic_names": _at_least(1),
+    "data.synthetic_captions": _between(1, 30),  # the synthetic data has 30 colour pairs
+    "eval.num_images": _at_least(1),
+    "parallel.num_processes": _at_least(1),
+    "parallel.process_id": _at_least(0),
+}
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "train.nan_policy": NAN_POLICIES,
+    "data.source": ("synthetic", "folders"),
+    "data.neutral_mode": NEUTRAL_MODES,
+}
+
+
 def _coerce(value: Any, field: dataclasses.Field, where: str) -> Any:
-    """Check a YAML value against the field's declared type (ints may stand for floats)."""
+    """Check a YAML value against the field's declared type (ints may stand for floats) and allowed range."""
     kind = field.type.replace(" | None", "")
     if value is None and "None" in field.type:
         return None
+    if kind == "float" and isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot) as a string; 1.0e-3 is a float there too.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[kind]
     if isinstance(value, bool) and kind != "bool" or not isinstance(value, expected):
         raise UserError(f"config key {where} must be {kind}, got {value!r}")
-    return float(value) if kind == "float" else value
+    value = float(value) if kind == "float" else value
+    if where in RANGES and not RANGES[where][0](value):
+        raise UserError(f"config key {where} must be {RANGES[where][1]}, got {value!r}")
+    if where in CHOICES and value not in CHOICES[where]:
+        raise UserError(f"config key {where} must be one of {', '.join(CHOICES[where])}, got {value!r}")
+    return value
 
 
 def _from_dict(cls, values: dict[str, Any], where: str):

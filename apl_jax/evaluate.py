@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from apl_jax import preflight
 from apl_jax.cli import add_sampler_args, enable_compilation_cache, run_main, sampler_settings
 from apl_jax.errors import UserError
 from apl_jax.export import load_prefix
@@ -218,7 +219,8 @@ def main(argv=None) -> int:
     if args.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")
 
-    # Every input is checked before the long work starts.
+    # Every input and the output folder are checked before the long work starts.
+    preflight.folder(args.out, "--out")
     names = read_names(args.names)
     generic = read_lines(args.prompts, "prompts") if args.prompts else []
     if not args.references.is_dir():

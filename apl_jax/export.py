@@ -29,11 +29,13 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from apl_jax import preflight
 from apl_jax.cli import run_main
 from apl_jax.errors import UserError
 from apl_jax.files import atomic_write, save_safetensors
 
 FORMATS = ("diffusers", "a1111", "apl")
+SUFFIXES = {"diffusers": (".safetensors",), "a1111": (".safetensors", ".pt"), "apl": (".pt",)}
 A1111_TOKEN_ID = 265  # A1111's "*" placeholder entry
 # The zip entries torch 1.6 to 2.0 wrote. AUTOMATIC1111's safe unpickler (on by default)
 # refuses a file with any other entry, such as the .format_version, .storage_alignment,
@@ -107,13 +109,24 @@ def _torch_save(path: Path, data) -> Path:
     return atomic_write(path, write)
 
 
-def save_prefix(path: str | Path, prefix: PrefixFile, fmt: str) -> Path:
-    path = Path(path)
+def _check_target(path: Path, fmt: str) -> None:
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    suffixes = {"diffusers": (".safetensors",), "a1111": (".safetensors", ".pt"), "apl": (".pt",)}[fmt]
-    if path.suffix not in suffixes:
-        raise UserError(f"format {fmt} writes {' or '.join(suffixes)} files, not {path.name}")
+    if path.suffix not in SUFFIXES[fmt]:
+        raise UserError(f"format {fmt} writes {' or '.join(SUFFIXES[fmt])} files, not {path.name}")
+
+
+def _check_vectors(vectors: np.ndarray, source) -> None:
+    # Tools that read the file index [K, D]; a 1-D or 3-D array would fail there, or in our report.
+    if np.ndim(vectors) != 2:
+        raise UserError(f"{source} holds an array of shape {tuple(np.shape(vectors))}, not a prefix: "
+                        "a prefix is [K, D] (K vectors of the text encoder's width)")
+
+
+def save_prefix(path: str | Path, prefix: PrefixFile, fmt: str) -> Path:
+    path = Path(path)
+    _check_target(path, fmt)
+    _check_vectors(prefix.vectors, f"the {prefix.format} prefix")
     if path.suffix == ".safetensors":
         return save_diffusers_prefix(path, prefix.vectors, prefix.placeholder)
     if fmt == "a1111":
@@ -181,12 +194,15 @@ def load_prefix(path: str | Path) -> PrefixFile:
     if not path.exists():
         raise UserError(f"prefix source {path} does not exist")
     if path.is_dir():
-        return _load_checkpoint(path)
-    if path.suffix == ".safetensors":
-        return _load_safetensors(path)
-    if path.suffix in (".pt", ".bin"):
-        return _load_pt(path)
-    raise UserError(f"{path}: unknown prefix format (expected .safetensors, .pt or a checkpoint folder)")
+        prefix = _load_checkpoint(path)
+    elif path.suffix == ".safetensors":
+        prefix = _load_safetensors(path)
+    elif path.suffix in (".pt", ".bin"):
+        prefix = _load_pt(path)
+    else:
+        raise UserError(f"{path}: unknown prefix format (expected .safetensors, .pt or a checkpoint folder)")
+    _check_vectors(prefix.vectors, path)
+    return prefix
 
 
 # ---------------------------------------------------------------- CLI
@@ -197,6 +213,8 @@ def _refuse_overwrite(path: Path, force: bool) -> None:
 
 
 def _prefix_command(args) -> int:
+    _check_target(Path(args.to), args.format)
+    preflight.file(args.to, "--to")
     _refuse_overwrite(Path(args.to), args.force)
     source = load_prefix(args.source)
     if args.placeholder:
@@ -210,7 +228,7 @@ def _prefix_command(args) -> int:
 def _model_command(args) -> int:
     from apl_jax.models import load_model
 
-    out = Path(args.out)
+    out = preflight.folder(args.out, "--out")
     _refuse_overwrite(out, args.force)
     if args.format == "single-file":
         from apl_jax.single_file import check_output

@@ -20,10 +20,10 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
+from apl_jax import preflight
 from apl_jax.cli import add_sampler_args, enable_compilation_cache, run_main, sampler_settings
+from apl_jax.config import DEFAULT_TEMPLATES
 from apl_jax.errors import UserError
-
-DEFAULT_TEMPLATES = "configs/data/templates.yaml"
 
 
 def read_lines(path: Path, what: str) -> list[str]:
@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     if args.per_name < 1:
         raise UserError(f"--per-name must be at least 1, got {args.per_name}")
     names = read_names(args.names)
+    preflight.folder(args.out, "--out")
     enable_compilation_cache()
     sampler = Sampler(load_model(args.model, args.dtype), SamplerConfig(**sampler_settings(args)))
     written = generate(sampler, names, args.per_name, args.out, args.seed, args.templates)

@@ -1,8 +1,13 @@
-"""Training metrics: DIR/metrics.jsonl (one JSON object per logged step), TensorBoard event files and a loss-curve PNG."""
+"""Training metrics: DIR/metrics.jsonl (one JSON object per logged step), TensorBoard event files and a loss-curve PNG.
+
+Each record is appended and flushed as its own line, so a crash or a full disk tears
+at most the last line; on resume an unreadable line is dropped with a warning.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import matplotlib
@@ -11,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from tensorboardX import SummaryWriter  # noqa: E402
 
-TENSORBOARD_SCALARS = ("loss", "grad_norm", "steps_per_s", "learning_rate")
+TENSORBOARD_SCALARS = ("loss", "grad_norm", "steps_per_s", "learning_rate", "skipped_steps")
 
 
 def smooth(values: list[float], weight: float) -> list[float]:
@@ -41,20 +46,39 @@ class TensorBoardLog:
         self.writer.close()
 
 
+log = logging.getLogger(__name__)
+
+
+def _record(line: str) -> dict | None:
+    """The record on a line, or None if the line is not one (torn, or garbage)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 class MetricsLog:
     def __init__(self, workdir: Path, resume_step: int):
         self.path = Path(workdir) / "metrics.jsonl"
         self.records = []
         if self.path.exists():
+            lines = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]
+            records = [_record(line) for line in lines]
+            torn = [number for number, record in enumerate(records, 1) if record is None]
+            if torn:
+                log.warning("%s: dropped %d unreadable line(s) (line %s), as a crash or a full disk leaves them",
+                            self.path, len(torn), ", ".join(map(str, torn)))
             # Lines past the checkpoint we resume from were never saved; they are redone.
-            lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            self.records = [r for r in lines if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            self.records = [r for r in records if r is not None and r["step"] <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            tmp.replace(self.path)  # a crash now leaves the old file or the new one, never half of it
         self.tensorboard = TensorBoardLog(self.path.parent, resume_step + 1)
 
     def log(self, record: dict) -> None:
         self.records.append(record)
-        with self.path.open("a") as f:
+        with self.path.open("a") as f:  # closed (so flushed) after every line
             f.write(json.dumps(record) + "\n")
         self.tensorboard.log(record)
 

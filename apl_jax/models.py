@@ -16,7 +16,6 @@ from typing import Any
 import flax.serialization
 import jax
 import jax.numpy as jnp
-import numpy as np
 import safetensors.numpy
 from diffusers import FlaxAutoencoderKL, FlaxDDPMScheduler, FlaxUNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from apl_jax import nonfinite
 from apl_jax.config import ParallelConfig
 from apl_jax.errors import UserError
 
@@ -116,10 +117,11 @@ def broadcast_json(value: Any) -> Any:
     return json.loads(bytes(multihost_utils.broadcast_one_to_all(buffer)).decode())
 
 
-def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
+def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation, nan_policy: str = "stop") -> Callable:
     """The per-device update(state, frozen, batch) -> (state, metrics), for pmap.
 
-    state = {params, opt_state, step, rng}. Example i of the global batch gets
+    state = {params, opt_state, step, rng, skipped_steps, nonfinite_step}; a step whose loss,
+    gradients or update is not finite keeps the old params (nonfinite.guard). Example i of the global batch gets
     fold_in(fold_in(rng, step), i): per-device streams (axis_index) refined to
     per-example ones, so results do not depend on the device count, and a resumed
     run redraws exactly the noise an uninterrupted one would.
@@ -131,15 +133,17 @@ def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation) -
         first = jax.lax.axis_index(AXIS) * per_device
         keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first + jnp.arange(per_device))
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], frozen, batch, keys)
-        grads = jax.lax.pmean(grads, AXIS)
+        loss, grads = jax.lax.pmean((loss, grads), AXIS)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         new_state = {
+            **state,
             "params": optax.apply_updates(state["params"], updates),
             "opt_state": opt_state,
             "step": state["step"] + 1,
-            "rng": state["rng"],
         }
-        metrics = {"loss": jax.lax.pmean(loss, AXIS), "grad_norm": optax.tree.norm(grads)}
+        new_state = nonfinite.guard(state, new_state, loss, grads, nan_policy)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                   **{name: new_state[name] for name in nonfinite.FIELDS}}
         return new_state, metrics
 
     return update

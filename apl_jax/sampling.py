@@ -127,9 +127,10 @@ class Sampler:
         texts = list(texts) + [texts[-1]] * pad
         indices = np.concatenate([indices, np.zeros(pad, int)])
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.asarray(indices))
+        prefix_extra = self.params["prefix"].shape[0] - 1 if placeholder_id != NO_PLACEHOLDER else 0
         return (
             self.params,
-            jax.device_put(tokenize(self.model.tokenizer, texts), self._split),
+            jax.device_put(tokenize(self.model.tokenizer, texts, prefix_extra), self._split),
             jax.device_put(tokenize(self.model.tokenizer, [negative_prompt] * self.batch_size), self._split),
             jax.device_put(keys, self._split),
             jnp.int32(placeholder_id),

@@ -11,7 +11,9 @@ import argparse
 import gzip
 import importlib.util
 import json
+import logging
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from transformers import CLIPTokenizer
@@ -20,6 +22,8 @@ from transformers.models.clip.tokenization_clip import bytes_to_unicode
 MAX_LENGTH = 77
 NUM_MERGES = 48894  # lines 1..48894 of the BPE file; the rest are unused by CLIP
 ASSET_DIR = Path(__file__).parent / "assets" / "clip_tokenizer"
+log = logging.getLogger(__name__)
+_warned: set[str] = set()  # prompts already reported as cut: once per prompt, not once per step
 
 
 def open_clip_bpe_path() -> Path:
@@ -49,10 +53,25 @@ def load_tokenizer(folder: Path | None = None) -> CLIPTokenizer:
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_LENGTH)
 
 
-def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> np.ndarray:
-    """Prompts -> int32 ids [N, 77], padded with end-of-text as SD 1.x does."""
-    ids = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_LENGTH).input_ids
-    return np.asarray(ids, dtype=np.int32)
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str], extra_tokens: int | Sequence[int] = 0) -> np.ndarray:
+    """Prompts -> int32 ids [N, 77], padded with end-of-text as SD 1.x does.
+
+    A prompt that does not fit in 77 tokens is cut; so is one that fits only without
+    its `extra_tokens` (per prompt, or one number for all), the K-1 more tokens a
+    K-vector prefix adds later at its placeholder. Either gets a warning naming it, once.
+    """
+    ids = np.asarray(tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_LENGTH).input_ids,
+                     dtype=np.int32)
+    for prompt, row, extra in zip(prompts, ids, np.broadcast_to(extra_tokens, len(prompts))):
+        length = int(np.argmax(row == tokenizer.eos_token_id)) + 1  # with start and end of text
+        if length == MAX_LENGTH:  # no padding left: exactly 77 tokens, or cut
+            length = len(tokenizer.tokenize(prompt)) + 2
+        if length + extra > MAX_LENGTH and prompt not in _warned:
+            _warned.add(prompt)
+            with_prefix = f" with the prefix's {extra} extra tokens" if extra else ""
+            log.warning("prompt cut at %d tokens (it has %d%s); the text encoder never sees the rest: %r",
+                        MAX_LENGTH, length + extra, with_prefix, prompt)
+    return ids
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import optax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from apl_jax import objective, parallel
+from apl_jax import nonfinite, objective, parallel, preflight
 from apl_jax.checkpoint import Checkpointer
 from apl_jax.config import Config, TrainConfig
 from apl_jax.data.prompts import Templates
@@ -29,6 +29,7 @@ from apl_jax.latent_cache import LatentCache
 from apl_jax.metrics import MetricsLog
 from apl_jax.models import FrozenSD, load_model
 from apl_jax.prefix import init_prefix, single_token_id
+from apl_jax.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def make_input(config: Config, model: FrozenSD) -> HostInput:
     host_range = parallel.host_example_range(config.train.batch_size)
     if data.source == "folders":
         return folder_input(data, model.tokenizer, config.prefix.placeholder, config.train.seed,
-                            config.train.batch_size, *host_range)
+                            config.train.batch_size, *host_range, num_vectors=config.prefix.num_vectors)
     if data.source != "synthetic":
         raise UserError(f"data.source must be 'synthetic' or 'folders', got {data.source!r}")
     if data.identity_dir or data.caption_dir or data.neutral_mode != "empty":
@@ -64,7 +65,7 @@ def make_input(config: Config, model: FrozenSD) -> HostInput:
                         "add --set data.source=folders")
     examples = SyntheticExamples(
         model.tokenizer, config.prefix.placeholder, Templates.load(data.templates),
-        resolution=data.resolution, identity_prob=data.identity_prob,
+        num_vectors=config.prefix.num_vectors, resolution=data.resolution, identity_prob=data.identity_prob,
         num_names=data.synthetic_names, num_captions=data.synthetic_captions, seed=config.train.seed,
     )
     return StreamInput(examples, config.train.batch_size, *host_range, threads=data.loader_threads)
@@ -113,8 +114,25 @@ class StopSignal:
 def initial_state(config: Config, model: FrozenSD, optimizer) -> dict:
     rng = jax.random.PRNGKey(config.train.seed)
     prefix = init_prefix(model, config.prefix.num_vectors, jax.random.fold_in(rng, 1), config.prefix.init_word)
-    state = {"params": prefix, "opt_state": optimizer.init(prefix), "step": np.int32(0), "rng": rng}
+    state = {"params": prefix, "opt_state": optimizer.init(prefix), "step": np.int32(0), "rng": rng,
+             **nonfinite.initial_fields()}
     return jax.device_get(state)
+
+
+def _claim_workdir(workdir: Path, stack: contextlib.ExitStack) -> None:
+    """Process 0 checks the workdir and locks it, before any model loads; the others learn of a failure."""
+    failure = None
+    if jax.process_index() == 0:
+        try:
+            preflight.folder(workdir, "workdir")
+            workdir.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(WorkdirLock(workdir))
+        except UserError as err:
+            failure = str(err)
+    if jax.process_count() > 1:  # the other hosts would otherwise wait for process 0 forever
+        failure = parallel.broadcast_json(failure)
+    if failure is not None:
+        raise UserError(failure)
 
 
 def train(config: Config, workdir: str | Path) -> TrainResult:
@@ -123,16 +141,16 @@ def train(config: Config, workdir: str | Path) -> TrainResult:
     is_main = jax.process_index() == 0
     parallel.per_device_batch(config.train.batch_size)  # refuse a bad batch size before loading anything
 
-    model = load_model(config.model.path, config.model.dtype)
-    placeholder_id = single_token_id(model, config.prefix.placeholder)
-    host_input = make_input(config, model)
-    optimizer = make_optimizer(config.train)
-    state = initial_state(config, model, optimizer)
-
     with contextlib.ExitStack() as stack:
+        _claim_workdir(workdir, stack)
+        model = load_model(config.model.path, config.model.dtype)
+        placeholder_id = single_token_id(model, config.prefix.placeholder)
+        host_input = make_input(config, model)
+        optimizer = make_optimizer(config.train)
+        state = initial_state(config, model, optimizer)
+
         checkpointer, data_state = None, None
         if is_main:
-            workdir.mkdir(parents=True, exist_ok=True)
             checkpointer = stack.enter_context(
                 Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints, config.to_dict())
             )
@@ -160,7 +178,7 @@ def _train_from(config, workdir, model, placeholder_id, host_input, optimizer, s
         negative_guidance=config.train.negative_guidance,
         fused_passes=config.train.fused_unet_passes,
     )
-    update_fn = parallel.make_update_fn(loss_fn, optimizer)
+    update_fn = parallel.make_update_fn(loss_fn, optimizer, config.train.nan_policy)
     frozen = parallel.replicate(model.params)
     device_state = parallel.replicate(state)
 
@@ -177,6 +195,7 @@ def _train_from(config, workdir, model, placeholder_id, host_input, optimizer, s
     result = TrainResult(step=int(state["step"]), interrupted=interrupted, prefix_file=None)
     if is_main:
         if not interrupted:
+            nonfinite.require_finite(state["params"], "the trained prefix")
             result.prefix_file = save_diffusers_prefix(workdir / "prefix.safetensors", state["params"], config.prefix.placeholder)
         if metrics_log.records:
             metrics_log.plot()
@@ -192,6 +211,7 @@ def _loop(config, step_fn, device_state, frozen, batch, host_input, checkpointer
     interrupted = False
     bar = tqdm(total=config.train.steps, initial=step, desc="APL", unit="step", disable=not is_main, dynamic_ncols=True)
     tic, tic_step = time.perf_counter(), step
+    skipped_at_start, warned = int(parallel.unreplicate(device_state["skipped_steps"])), False
     try:
         while step < config.train.steps and not interrupted:
             device_state, metrics = step_fn(device_state, frozen, batch)
@@ -200,19 +220,32 @@ def _loop(config, step_fn, device_state, frozen, batch, host_input, checkpointer
             if step < config.train.steps:
                 batch = parallel.shard(host_input.next_batch())  # prepared while the step runs
             bar.update(1)
-            if is_main and (step % config.train.log_every == 0 or step == config.train.steps):
-                values = parallel.unreplicate(metrics)  # the only host sync, once per logged step
+            interrupted = stop.requested()
+            log_now = step % config.train.log_every == 0 or step == config.train.steps
+            save_now = interrupted or step % config.train.checkpoint_every == 0 or step == config.train.steps
+            if not (log_now or save_now):
+                continue
+            values = parallel.unreplicate(metrics)  # the only host sync: logged and checkpointed steps
+            if is_main and log_now:
                 loss = float(values["loss"])
                 rate = (step - tic_step) / (time.perf_counter() - tic)
                 tic, tic_step = time.perf_counter(), step
                 metrics_log.log({"step": step, "loss": loss, "grad_norm": float(values["grad_norm"]), "steps_per_s": rate,
-                                 "learning_rate": config.train.learning_rate})
+                                 "learning_rate": config.train.learning_rate,
+                                 "skipped_steps": int(values["skipped_steps"])})
                 bar.set_postfix(loss=f"{loss:.4g}", steps_s=f"{rate:.2f}")
-            interrupted = stop.requested()
-            if is_main and (interrupted or step % config.train.checkpoint_every == 0 or step == config.train.steps):
-                checkpointer.save(parallel.unreplicate(device_state), data_state)
+            # Every process sees the same values (they are device-averaged), so all stop at the same step.
+            nonfinite.check_stop(values)
+            if not warned and values["skipped_steps"] > skipped_at_start:
+                log.warning("step %d: a NaN/Inf loss or gradient; such steps are skipped (train.nan_policy=skip) and "
+                            "counted as skipped_steps in metrics.jsonl", step)
+                warned = True  # once per run; metrics.jsonl has the count
+            if is_main and save_now:
+                saved = checkpointer.save(parallel.unreplicate(device_state), data_state)
         if interrupted:
-            tqdm.write(f"stopped by signal at step {step}; checkpoint saved. Rerun the same command to resume.")
+            # Process 0 alone writes checkpoints, so only it can say one was saved.
+            tqdm.write(f"stopped by signal at step {step}; checkpoint saved in {saved}. Rerun the same command to resume."
+                       if is_main else f"stopped by signal at step {step}.")
     finally:
         bar.close()
         stop.restore()

@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,12 +54,49 @@ def train_env(devices: int = 1) -> dict[str, str]:
     return env
 
 
-def run_train(workdir: Path, *overrides: str, devices: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    """python train.py --config configs/tiny.yaml --workdir WORKDIR --set ... in a fresh process."""
+def _train_args(workdir: Path, overrides) -> list[str]:
     args = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/tiny.yaml"), "--workdir", str(workdir)]
     for override in overrides:
         args += ["--set", override]
-    return subprocess.run(args, env=train_env(devices), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return args
+
+
+def run_train(workdir: Path, *overrides: str, devices: int = 1, timeout: int = 600, cwd: Path = REPO
+              ) -> subprocess.CompletedProcess:
+    """python train.py --config configs/tiny.yaml --workdir WORKDIR --set ... in a fresh process."""
+    return subprocess.run(_train_args(workdir, overrides), env=train_env(devices), cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def start_train(workdir: Path, *overrides: str) -> subprocess.Popen:
+    """A run_train that keeps going (train.steps=100000, no checkpoints) until it is stopped; output merged."""
+    args = _train_args(workdir, ["train.steps=100000", "train.checkpoint_every=100000", "train.batch_size=2", *overrides])
+    return subprocess.Popen(args, env=train_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_metrics(workdir: Path, lines: int, timeout: float = 300) -> None:
+    """Until WORKDIR/metrics.jsonl has `lines` lines (so the run holds its lock and is stepping)."""
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= lines):
+        time.sleep(0.2)
+
+
+def sample_cli(*args, devices=1) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "sample.py"), *args], env=train_env(devices), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+def export_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "apl_jax.export", *args], env=train_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+def tiny_config(*overrides):
+    """configs/tiny.yaml with batch 2 and a checkpoint every 2 steps, for in-process train() runs."""
+    from apl_jax.config import load_config
+
+    return load_config(REPO / "configs/tiny.yaml", ["train.batch_size=2", "train.checkpoint_every=2", *overrides])
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,9 @@
 """The folder datasets (tfds array_record builds), the APL prompt stream over them and the grain host input."""
 
+import dataclasses
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -97,6 +99,28 @@ def test_identity_build_reads_back_resized_crops(folders, built):
         assert record["name"].decode() == NAMES[file]
         assert record["attribute"].decode() == {"Alice Smith": ALICE_ATTR, "Bob Jones": BOB_ATTR}[NAMES[file]]
         assert record["sha256"].decode() == hashlib.sha256((folders / "identity" / file).read_bytes()).hexdigest()
+
+
+def test_skipped_images_are_reported_on_every_run(folders, built, caplog):
+    data, _, _ = built  # built once already; this run only reads the cache
+    with caplog.at_level(logging.WARNING, logger="apl_jax"):
+        load_datasets(dataclasses.replace(data, identity_prob=1.0))
+    assert [r.getMessage() for r in caplog.records if r.name == "apl_jax.data.builders"] == [
+        f"identity_faces: skipped 1 unreadable or corrupt image(s) of 5 in {folders / 'identity'}: bob/broken.png"]
+
+
+def test_a_caption_too_long_for_the_prefix_is_reported_once(tokenizer, caplog):
+    # 68 tokens with start and end: the neutral prompt fits; "alz CAPTION" is 69, and 78 once alz becomes 10 vectors
+    caption = "a photo of " + "a very long caption " * 15 + "with a tail"
+    captions = [{"caption": caption.encode(), "image": solid(RED)}]
+    examples = FolderExamples(None, captions, tokenizer, "alz", Templates.load(REPO / "configs/data/templates.yaml"),
+                              identity_prob=0.0, neutral_mode="empty", seed=0, num_vectors=10)
+    with caplog.at_level(logging.WARNING, logger="apl_jax"):
+        for index in range(3):
+            examples.example(index)
+    assert [r.getMessage() for r in caplog.records if r.name == "apl_jax.tokenizer"] == [
+        f"prompt cut at 77 tokens (it has 78 with the prefix's 9 extra tokens); the text encoder never sees the rest: "
+        f"{'alz ' + caption!r}"]
 
 
 def test_official_file_names_give_the_names(folders):
@@ -290,7 +314,7 @@ def test_all_images_unreadable_is_an_error(tmp_path):
      r"data.neutral_mode must be one of empty, attributes, got 'attr'"),
     (["data.source=folders", "data.identity_dir=/nope", "data.identity_prob=1"],
      r"data.identity_dir: folder /nope does not exist"),
-    (["data.source=files"], r"data.source must be 'synthetic' or 'folders', got 'files'"),
+    (["data.source=files"], r"config key data.source must be one of synthetic, folders, got 'files'"),
     (["data.identity_dir=/x"], r"only apply to data.source=folders; add --set data.source=folders"),
 ])
 def test_bad_data_config(overrides, message):

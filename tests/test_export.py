@@ -1,6 +1,5 @@
 import pickle
 import re
-import subprocess
 import sys
 import zipfile
 
@@ -9,14 +8,9 @@ import pytest
 
 from apl_jax.errors import UserError
 from apl_jax.export import PrefixFile, load_prefix, save_prefix
-from conftest import REPO, train_env
+from conftest import REPO, export_cli
 
 VECTORS = np.random.default_rng(1).normal(size=(10, 32)).astype(np.float32)
-
-
-def export_cli(*args):
-    return subprocess.run([sys.executable, "-m", "apl_jax.export", *args], env=train_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("fmt, name", [("diffusers", "p.safetensors"), ("a1111", "p.safetensors")])

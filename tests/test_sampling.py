@@ -1,5 +1,4 @@
-import subprocess
-import sys
+import logging
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ from PIL import Image
 from apl_jax.errors import UserError
 from apl_jax.generate_identities import generate, identity_prompt, read_names
 from apl_jax.sampling import Sampler, SamplerConfig, prompt_grid
-from conftest import REPO, train_env
+from conftest import REPO, sample_cli
 
 PROMPTS = ["a photo of Ada Quill", "a red square on a blue background", "a portrait of Bo Fenwick"]
 
@@ -40,6 +39,16 @@ def test_prefix_changes_the_image(sampler):
     plain = sampler(PROMPTS[:2], seed=0)
     prefixed = sampler(PROMPTS[:2], seed=0, with_prefix=True)
     assert np.abs(plain.astype(int) - prefixed).mean() > 1
+
+
+def test_a_prompt_cut_by_the_prefix_is_reported(sampler, caplog):
+    prompt = "a portrait of " + "a person " * 33  # 71 tokens: it fits; "alz PROMPT" is 72, 81 with the prefix
+    with caplog.at_level(logging.WARNING, logger="apl_jax"):
+        sampler([prompt], seed=0)
+        sampler([prompt, prompt], seed=0, with_prefix=True)
+    assert [r.getMessage() for r in caplog.records if r.name == "apl_jax.tokenizer"] == [
+        f"prompt cut at 77 tokens (it has 81 with the prefix's 9 extra tokens); the text encoder never sees the rest: "
+        f"{'alz ' + prompt!r}"]
 
 
 def test_noise_index_is_per_image(sampler):
@@ -81,11 +90,6 @@ def test_bad_inputs(tiny):
         Sampler(tiny, SamplerConfig(steps=1))(["x"], with_prefix=True)
     with pytest.raises(UserError, match="resolution 34 is not divisible by the VAE factor 4"):
         Sampler(tiny, SamplerConfig(resolution=34))
-
-
-def sample_cli(*args, devices=1):
-    return subprocess.run([sys.executable, str(REPO / "sample.py"), *args], env=train_env(devices), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
 
 
 def test_same_seed_same_images_on_one_or_eight_devices(tmp_path):

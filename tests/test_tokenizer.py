@@ -1,4 +1,5 @@
 import filecmp
+import logging
 
 import pytest
 
@@ -34,3 +35,17 @@ def test_shipped_files_regenerate_identically(tmp_path):
     build_vocab_files(bpe, tmp_path)
     for name in ("vocab.json", "merges.txt"):
         assert filecmp.cmp(tmp_path / name, ASSET_DIR / name, shallow=False), name
+
+
+def test_a_cut_prompt_is_reported_once(tokenizer, caplog):
+    long = "a photo of " + "a cat " * 80  # 165 tokens
+    fits = "a photo of " + "a cat " * 36  # 77 exactly: no warning
+    with caplog.at_level(logging.WARNING, logger="apl_jax"):
+        for _ in range(2):
+            ids = tokenize(tokenizer, [long, fits, "alz " + fits], extra_tokens=[0, 0, 9])
+    assert ids[0, -1] == ids[1, -1] == 49407  # cut, end-of-text kept
+    assert [r.getMessage() for r in caplog.records] == [
+        f"prompt cut at 77 tokens (it has 165); the text encoder never sees the rest: {long!r}",
+        f"prompt cut at 77 tokens (it has 87 with the prefix's 9 extra tokens); the text encoder never sees the rest: "
+        f"{'alz ' + fits!r}",
+    ]

@@ -1,24 +1,18 @@
 import json
+import logging
+import re
 import shutil
 import signal
 import struct
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import safetensors.numpy
 
 from apl_jax.checkpoint import Checkpointer
-from apl_jax.config import load_config
 from apl_jax.errors import UserError
 from apl_jax.trainer import train
-from conftest import REPO, assert_close, assert_umask_modes, run_train, train_env, umask
-
-
-def config(*overrides):
-    return load_config(REPO / "configs/tiny.yaml", ["train.batch_size=2", "train.checkpoint_every=2", *overrides])
+from conftest import assert_close, assert_umask_modes, run_train, start_train, tiny_config as config, umask, wait_for_metrics
 
 
 def prefix_of(workdir):
@@ -118,30 +112,55 @@ def test_incompatible_checkpoint_is_an_error(straight, tmp_path):
         train(config("train.steps=8", "prefix.num_vectors=4"), workdir)
 
 
-def test_corrupt_checkpoint_is_an_error(straight, tmp_path):
+def truncate_state(checkpoint):
+    """Cut the array data of a checkpoint's state in half, as a full disk or an interrupted copy leaves it."""
+    for f in (checkpoint / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def test_corrupt_checkpoint_falls_back_to_the_newest_intact_one(straight, tmp_path, caplog):
     workdir = tmp_path / "w"
     shutil.copytree(straight, workdir)
-    for f in (workdir / "checkpoints/6/state").rglob("*"):
-        if f.is_file() and f.parent.name == "d":
-            f.write_bytes(b"garbage")
-    with pytest.raises(UserError, match=r"checkpoint .*checkpoints/6 cannot be restored \(ValueError: .*\); it is corrupt"):
+    truncate_state(workdir / "checkpoints/6")
+    with caplog.at_level(logging.WARNING, logger="apl_jax"):
+        result = train(config("train.steps=6"), workdir)
+    assert result.step == 6
+    ckpt = workdir / "checkpoints"
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "apl_jax.checkpoint"]
+    assert re.fullmatch(rf"checkpoint {ckpt}/6 is corrupt: its state cannot be read \(ValueError: .+\); restored the "
+                        rf"newest intact one, {ckpt}/4, and moved the corrupt one to {workdir}/corrupt-checkpoints/6",
+                        warning), warning
+    # Resumed from step 4, it redid steps 5 and 6 exactly, and saved step 6 again.
+    np.testing.assert_array_equal(prefix_of(workdir), prefix_of(straight))
+    assert sorted(int(p.name) for p in ckpt.iterdir()) == [2, 4, 6]
+    assert [p.name for p in (workdir / "corrupt-checkpoints").iterdir()] == ["6"]
+
+
+def test_no_intact_checkpoint_is_an_error(straight, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(straight, workdir)
+    for step in (2, 4, 6):
+        truncate_state(workdir / f"checkpoints/{step}")
+    ckpt = workdir / "checkpoints"
+    with pytest.raises(UserError) as raised:
         train(config("train.steps=8"), workdir)
+    assert re.fullmatch(rf"no checkpoint in {ckpt} can be restored: step 6: its state cannot be read \(ValueError: .+\); "
+                        rf"step 4: .+; step 2: .+; move {ckpt} away to train again from step 0", str(raised.value))
+    assert not (workdir / "corrupt-checkpoints").exists()  # nothing is moved when nothing can be restored
 
 
 def test_sigterm_leaves_a_restorable_checkpoint(tmp_path):
-    args = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/tiny.yaml"), "--workdir", str(tmp_path),
-            "--set", "train.steps=100000", "--set", "train.checkpoint_every=100000", "--set", "train.batch_size=2"]
-    proc = subprocess.Popen(args, env=train_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-        time.sleep(0.2)
+    proc = start_train(tmp_path)
+    wait_for_metrics(tmp_path, 3)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, out
-    assert "stopped by signal at step" in out
     stopped_at = int(out.split("stopped by signal at step ")[1].split(";")[0])
+    assert f"stopped by signal at step {stopped_at}; checkpoint saved in {tmp_path}/checkpoints/{stopped_at}. " \
+           "Rerun the same command to resume." in out
     assert stopped_at >= 3
+    metrics = tmp_path / "metrics.jsonl"
     assert not (tmp_path / "prefix.safetensors").exists()  # no export of an unfinished run
 
     checkpointer = Checkpointer(tmp_path / "checkpoints", 3, config().to_dict())
@@ -158,7 +177,7 @@ def test_cli_user_errors_are_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == "error: unknown config key train.stepz; known keys here: " \
         "steps, batch_size, learning_rate, negative_guidance, grad_accum_steps, fused_unet_passes, cache_latents, seed, "\
-        "checkpoint_every, keep_checkpoints, log_every"
+        "checkpoint_every, keep_checkpoints, log_every, nan_policy"
     done = run_train(tmp_path, "model.path=/no/such/model")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: model folder /no/such/model does not exist")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from apl_jax import preflight
 from apl_jax.cli import add_sampler_args, enable_compilation_cache, run_main, sampler_settings
 from apl_jax.errors import UserError
 
@@ -19,12 +20,16 @@ def _main(argv) -> int:
     parser.add_argument("--compare", action="store_true", help="each prompt without and with the prefix, same seeds")
     parser.add_argument("--out", default="grid.png", help="the grid PNG")
     parser.add_argument("--save-dir", help="also save every image here")
-    parser.add_argument("--scale", type=int, default=None, help="grid upscaling (default: to at least 128 px)")
+    parser.add_argument("--scale", type=preflight.at_least(1, "--scale"), default=None,
+                        help="grid upscaling (default: to at least 128 px)")
     args = parser.parse_args(argv)
     if args.compare and not args.prefix:
         raise UserError("--compare needs --prefix")
     if args.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+    preflight.image_file(args.out, "--out")  # before any sampling: a bad path must not cost the images
+    if args.save_dir:
+        preflight.folder(args.save_dir, "--save-dir")
 
     from apl_jax.export import load_prefix
     from apl_jax.models import load_model

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from apl_jax import preflight
 from apl_jax.cli import enable_compilation_cache, run_main
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -30,12 +31,13 @@ def _main(argv) -> int:
     from apl_jax.trainer import train
 
     config = load_config(args.config, args.overrides)
+    workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
+    preflight.folder(workdir, "workdir")  # before APL-mini's data is made, not only before training
     on_mini = config.model.path in APL_MINI_MODELS
     if on_mini:
         from apl_jax.mini.data import with_mini_data
 
         config = with_mini_data(config)
-    workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     enable_compilation_cache()
     result = train(config, workdir)
     if result.interrupted:

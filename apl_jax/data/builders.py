@@ -309,10 +309,11 @@ def load(builder_class: type[_FolderBuilder], folder: str | Path, items: list[So
     if not builder.is_prepared():
         tfds.disable_progress_bar()  # ours above counts the images; tfds' would add empty bars
         builder.download_and_prepare()
-        skipped = builder.info.metadata["skipped"]
-        if skipped:
-            log.warning("%s: skipped %d unreadable or corrupt image(s) of %d in %s: %s", builder.name, len(skipped),
-                        len(items), folder, ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    # Read back from the build's metadata.json, so every run on this build says it, not only the first.
+    skipped = builder.info.metadata["skipped"]
+    if skipped:
+        log.warning("%s: skipped %d unreadable or corrupt image(s) of %d in %s: %s", builder.name, len(skipped),
+                    len(items), folder, ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
     source = builder.as_data_source(split="train")
     log.info("%s: %d examples from %s in %s", builder.name, len(source), folder, builder.data_dir)
     return source

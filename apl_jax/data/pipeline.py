@@ -19,9 +19,9 @@ import jax
 import numpy as np
 
 from apl_jax import parallel
-from apl_jax.config import DataConfig
+from apl_jax.config import NEUTRAL_MODES, DataConfig
 from apl_jax.data import builders
-from apl_jax.data.prompts import NEUTRAL_MODES, Templates, generic_pair, identity_pair
+from apl_jax.data.prompts import Templates, generic_pair, identity_pair
 from apl_jax.errors import UserError
 from apl_jax.tokenizer import tokenize
 
@@ -51,11 +51,12 @@ class FolderExamples:
     """Random access to the APL example stream over the built datasets: example g is a function of (seed, g)."""
 
     def __init__(self, identity: Sequence[dict] | None, captions: Sequence[dict] | None, tokenizer, placeholder: str,
-                 templates: Templates, *, identity_prob: float, neutral_mode: str, seed: int):
+                 templates: Templates, *, identity_prob: float, neutral_mode: str, seed: int, num_vectors: int = 1):
         self.identity = ShuffledForever(identity, seed, 1) if identity is not None else None
         self.captions = ShuffledForever(captions, seed, 2) if captions is not None else None
         self.tokenizer, self.placeholder, self.templates = tokenizer, placeholder, templates
         self.identity_prob, self.neutral_mode, self.seed = identity_prob, neutral_mode, seed
+        self.prefix_extra = num_vectors - 1  # tokens the prefix adds at the placeholder (for the too-long warning)
 
     def prompts(self, index: int) -> tuple[dict[str, Any], str, str]:
         """(record, private prompt, neutral prompt) of example `index`; tfds gives text features as bytes."""
@@ -71,7 +72,7 @@ class FolderExamples:
 
     def example(self, index: int) -> dict[str, np.ndarray]:
         record, private, neutral = self.prompts(index)
-        private_ids, neutral_ids = tokenize(self.tokenizer, [private, neutral])
+        private_ids, neutral_ids = tokenize(self.tokenizer, [private, neutral], extra_tokens=[self.prefix_extra, 0])
         return {"pixels": record["image"], "private_ids": private_ids, "neutral_ids": neutral_ids}
 
 
@@ -161,9 +162,10 @@ def load_datasets(data: DataConfig) -> tuple[Sequence[dict] | None, Sequence[dic
 
 
 def folder_input(data: DataConfig, tokenizer, placeholder: str, seed: int, global_batch: int, host_first: int,
-                 host_count: int) -> StreamInput:
+                 host_count: int, num_vectors: int = 1) -> StreamInput:
     """This host's batch stream over the folder datasets of `data`."""
     identity, captions = load_datasets(data)
     examples = FolderExamples(identity, captions, tokenizer, placeholder, Templates.load(data.templates),
-                              identity_prob=data.identity_prob, neutral_mode=data.neutral_mode, seed=seed)
+                              identity_prob=data.identity_prob, neutral_mode=data.neutral_mode, seed=seed,
+                              num_vectors=num_vectors)
     return StreamInput(examples, global_batch, host_first, host_count, threads=data.loader_threads)

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from apl_jax.config import NEUTRAL_MODES
 from apl_jax.errors import UserError
 
-NEUTRAL_MODES = ("empty", "attributes")
 
 
 @dataclasses.dataclass(frozen=True)

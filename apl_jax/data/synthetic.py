@@ -25,8 +25,9 @@ class SyntheticExamples:
     """Random access to the synthetic example stream: example g is a function of (seed, g)."""
 
     def __init__(self, tokenizer, placeholder: str, templates: Templates, *, resolution: int, identity_prob: float,
-                 num_names: int, num_captions: int, seed: int):
+                 num_names: int, num_captions: int, seed: int, num_vectors: int = 1):
         self.tokenizer, self.placeholder, self.templates = tokenizer, placeholder, templates
+        self.prefix_extra = num_vectors - 1  # tokens the prefix adds at the placeholder (for the too-long warning)
         self.resolution, self.identity_prob, self.seed = resolution, identity_prob, seed
         self.names = [f"Synthetic Person {i}" for i in range(num_names)]
         colours = list(COLOURS)
@@ -71,7 +72,7 @@ class SyntheticExamples:
 
     def example(self, index: int) -> dict[str, np.ndarray]:
         image, private, neutral = self.drawn(index)
-        private_ids, neutral_ids = tokenize(self.tokenizer, [private, neutral])
+        private_ids, neutral_ids = tokenize(self.tokenizer, [private, neutral], extra_tokens=[self.prefix_extra, 0])
         return {"pixels": image, "private_ids": private_ids, "neutral_ids": neutral_ids}
 
     def batch(self, start: int, count: int) -> dict[str, np.ndarray]:

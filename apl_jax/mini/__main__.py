@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from apl_jax import preflight
 from apl_jax.cli import add_sampler_args, enable_compilation_cache, run_main, sampler_settings
 from apl_jax.errors import UserError
 
@@ -38,7 +39,7 @@ def _eval(args) -> int:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")
     if args.batch_size is None:
         args.batch_size = 64  # one device: whole batches, not one image per call
-    out = args.out or Path("runs") / "mini-eval" / f"{args.model}-{Path(args.prefix).stem}"
+    out = preflight.folder(args.out or Path("runs") / "mini-eval" / f"{args.model}-{Path(args.prefix).stem}", "--out")
     print_report(run(args.model, args.prefix, out, args.num_images, args.seed, SamplerConfig(**sampler_settings(args))),
                  out)
     return 0
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     evaluate.add_argument("--out", type=Path, help="report folder (default runs/mini-eval/<model>-<prefix name>)")
     data = commands.add_parser("data", help="make the APL training data (identity set + generic renders)")
     data.add_argument("--model", default="apl-mini")
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--seed", type=preflight.seed, default=0)
     data.add_argument("--out", type=Path, default=Path("~/.cache/apl_jax/datasets"))
     args = parser.parse_args(argv)
     enable_compilation_cache()
