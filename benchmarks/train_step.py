@@ -56,7 +56,7 @@ def jax_worker(args) -> dict:
     import numpy as np
     import optax
 
-    from apl_jax import objective, parallel
+    from apl_jax import nonfinite, objective, parallel
     from apl_jax.models import load_model
 
     start = time.perf_counter()
@@ -67,7 +67,8 @@ def jax_worker(args) -> dict:
     # GPU machines don't have and this benchmark doesn't use.
     optimizer = optax.adam(LR)
     prefix = jax.random.uniform(jax.random.PRNGKey(0), (K, model.text_width))
-    state = {"params": prefix, "opt_state": optimizer.init(prefix), "step": 0, "rng": jax.random.PRNGKey(0)}
+    state = {"params": prefix, "opt_state": optimizer.init(prefix), "step": 0, "rng": jax.random.PRNGKey(0),
+             **nonfinite.initial_fields()}  # the NaN guard's counters, as in the trainer's state
     loss_fn = functools.partial(objective.apl_loss, model=dataclasses.replace(model, params=None),
                                 placeholder_id=PLACEHOLDER, negative_guidance=ETA, fused_passes=not args.split_passes)
     frozen, state = parallel.replicate(model.params), parallel.replicate(state)
