@@ -66,7 +66,7 @@ def test_every_numeric_key_has_a_range():
     ("train.nan_policy=ignore", "config key train.nan_policy must be one of stop, skip, got 'ignore'"),
     ("data.resolution=0", "config key data.resolution must be >= 8, got 0"),
     ("data.identity_prob=1.5", "config key data.identity_prob must be in [0, 1], got 1.5"),
-    ("data.source=files", "config key data.source must be one of synthetic, folders, mini, got 'files'"),
+    ("data.source=files", "config key data.source must be one of synthetic, folders, got 'files'"),
     ("prefix.num_vectors=76", "config key prefix.num_vectors must be in [1, 75], got 76"),
     ("model.dtype=float16", "config key model.dtype must be one of float32, bfloat16, got 'float16'"),
     ("train.learning_rate=fast", "config key train.learning_rate must be float, got 'fast'"),
