@@ -73,11 +73,11 @@ def test_tensorboard_events(straight):
     (path,) = straight.glob("events.out.tfevents.*")
     logged = scalars(read_events(path))
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(logged) == ["grad_norm", "learning_rate", "loss", "steps_per_s"]
+    assert sorted(logged) == ["grad_norm", "learning_rate", "loss", "skipped_steps", "steps_per_s"]
     for tag, values in logged.items():
         assert sorted(values) == [1, 2, 3, 4, 5, 6]
         np.testing.assert_allclose([values[r["step"]] for r in records], [r[tag] for r in records], rtol=1e-6)
-    assert set(logged["learning_rate"].values()) == {np.float32(1e-3)}
+    assert set(logged["learning_rate"].values()) == {np.float32(1e-3)} and set(logged["skipped_steps"].values()) == {0}
 
 
 def test_loss_plot_smoothing():
