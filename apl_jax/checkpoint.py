@@ -113,13 +113,16 @@ class Checkpointer:
         self._check_compatible(saved_config, where)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         try:
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()),
-            )
+            restored = self._read(step, abstract)
+            state = jax.tree.map(np.asarray, restored["state"])
         except UNREADABLE as err:
-            raise _Corrupt(f"its state cannot be read ({_brief(err)})") from None
-        state = jax.tree.map(np.asarray, restored["state"])
+            # A run from before the NaN guard saved no guard counters: read it without them, counters at 0.
+            before_guard = {k: v for k, v in abstract.items() if k not in nonfinite.FIELDS}
+            try:
+                restored = self._read(step, before_guard)
+            except UNREADABLE:
+                raise _Corrupt(f"its state cannot be read ({_brief(err)})") from None
+            state = {**jax.tree.map(np.asarray, restored["state"]), **nonfinite.initial_fields()}
         for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(abstract)):
             if got.shape != want.shape:
                 raise UserError(f"checkpoint {where}: {jax.tree_util.keystr(path)} has shape {got.shape}, this run expects {want.shape}")
@@ -127,6 +130,11 @@ class Checkpointer:
         if bad:  # written before the guard existed, or damaged on disk
             raise _Corrupt(f"its state holds NaN or Inf in {', '.join(bad)}")
         return state, restored["data"]
+
+    def _read(self, step: int, abstract_state: dict[str, Any]) -> dict[str, Any]:
+        return self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
+        )
 
     def _set_aside(self, corrupt: list[tuple[int, str]], restored: int) -> None:
         aside = self.directory.parent / "corrupt-checkpoints"

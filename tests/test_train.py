@@ -5,6 +5,7 @@ import shutil
 import signal
 import struct
 
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -148,6 +149,23 @@ def test_no_intact_checkpoint_is_an_error(straight, tmp_path):
     assert re.fullmatch(rf"no checkpoint in {ckpt} can be restored: step 6: its state cannot be read \(ValueError: .+\); "
                         rf"step 4: .+; step 2: .+; move {ckpt} away to train again from step 0", str(raised.value))
     assert not (workdir / "corrupt-checkpoints").exists()  # nothing is moved when nothing can be restored
+
+
+def test_checkpoint_from_before_the_nan_guard_restores_with_zero_counters(tmp_path):
+    """Runs saved before train.nan_policy existed have no guard counters; they must still resume."""
+    from apl_jax.models import tiny_random
+    from apl_jax.nonfinite import FIELDS
+    from apl_jax.trainer import initial_state, make_optimizer
+
+    template = jax.device_get(initial_state(config(), tiny_random(), make_optimizer(config().train)))  # train()'s
+    old_state = {k: v for k, v in template.items() if k not in FIELDS} | {"step": np.int32(4)}
+    with Checkpointer(tmp_path, 3, config().to_dict()) as old_run:
+        old_run.save(old_state, {"next_example": 8})
+    with Checkpointer(tmp_path, 3, config().to_dict()) as new_run:
+        restored, position = new_run.restore(template)
+    assert (int(restored["step"]), int(restored["skipped_steps"]), int(restored["nonfinite_step"])) == (4, 0, 0)
+    assert np.array_equal(restored["params"], template["params"]) and position == {"next_example": 8}
+    assert not (tmp_path.parent / "corrupt-checkpoints").exists()
 
 
 def test_sigterm_leaves_a_restorable_checkpoint(tmp_path):
