@@ -11,9 +11,9 @@ from pathlib import Path
 
 from apl_jax import preflight
 from apl_jax.cli import enable_compilation_cache, run_main
+from apl_jax.config import PROJECT_DIR, load_config
 
-PROJECT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = PROJECT / "configs" / "mini.yaml"
+DEFAULT_CONFIG = PROJECT_DIR / "configs" / "mini.yaml"
 APL_MINI_MODELS = ("apl-mini", "apl-mini-ft")  # the models apl_jax.mini has data and an evaluation for
 
 
@@ -27,7 +27,6 @@ def _main(argv) -> int:
                         help="override a config value, e.g. --set train.steps=100 (repeatable)")
     args = parser.parse_args(argv)
 
-    from apl_jax.config import load_config
     from apl_jax.trainer import train
 
     config = load_config(args.config, args.overrides)
