@@ -1,9 +1,9 @@
 """Weight layouts: PyTorch state dicts <-> Flax param trees, without torch.
 
-PyTorch -> Flax reuses diffusers' own renaming rules, fed with the *shapes* of the
-expected Flax params (jax.eval_shape), so nothing is initialised just to learn
-names. Flax -> PyTorch is their inverse, so our models can be written as
-PyTorch-compatible safetensors and loaded back (and by diffusers' PyTorch side).
+Our modules (apl_jax/nn) name their params as diffusers'/transformers' former Flax
+classes did, so the two are one rename table: pt_name maps every Flax param path to
+its PyTorch name, and loading PyTorch weights inverts that table over the *shapes*
+of the expected params (jax.eval_shape), so nothing is initialised just to learn names.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import re
 from typing import Any, Mapping
 
 import numpy as np
-from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 # Flax names list elements "<list>_<i>" where PyTorch's ModuleLists say "<list>.<i>".
@@ -60,12 +59,17 @@ def pt_names(expected: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
 
 
 def pt_to_flax(state: Mapping[str, np.ndarray], expected: Mapping[str, Any]) -> dict[str, Any]:
-    """A PyTorch-named state dict -> a Flax tree, named after `expected` (a tree of shapes)."""
-    expected_flat = flatten_dict(expected)
+    """A PyTorch-named state dict -> a Flax tree, named after `expected` (a tree of shapes).
+
+    Names the table does not know stay as they are, so shape_mismatches reports them as unexpected.
+    """
+    table = pt_names(expected)
     flat = {}
-    for pt_key, value in state.items():
-        key, value = rename_key_and_reshape_tensor(tuple(rename_key(pt_key).split(".")), np.asarray(value), expected_flat)
-        flat[key] = value
+    for name, value in state.items():
+        if name.endswith("position_ids"):  # a buffer older transformers saved beside the weights
+            continue
+        path = table.get(name, tuple(name.split(".")))
+        flat[path] = to_flax_layout(path, np.asarray(value))
     return unflatten_dict(flat)
 
 

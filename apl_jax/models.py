@@ -17,14 +17,17 @@ import flax.serialization
 import jax
 import jax.numpy as jnp
 import safetensors.numpy
-from diffusers import FlaxAutoencoderKL, FlaxDDPMScheduler, FlaxUNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
-from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule
+from diffusers import FlaxDDPMScheduler
+from transformers import CLIPTokenizer
 
 from apl_jax import convert, single_file
 from apl_jax.errors import UserError
 from apl_jax.files import save_safetensors
 from apl_jax.manifest import MANIFEST, verify
+from apl_jax.nn.clip import CLIPTextConfig, CLIPTextModel
+from apl_jax.nn.configs import to_json
+from apl_jax.nn.unet import UNet2DConditionModel, UNetConfig
+from apl_jax.nn.vae import AutoencoderKL, VAEConfig
 from apl_jax.tokenizer import MAX_LENGTH, load_tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -35,19 +38,18 @@ WEIGHT_FILES = {
     "unet": ("diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors"),
     "vae": ("diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors"),
 }
-PT_CLASS_NAMES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
 
 
 @dataclasses.dataclass(frozen=True)
 class FrozenSD:
     tokenizer: CLIPTokenizer
     text_config: CLIPTextConfig
-    unet: FlaxUNet2DConditionModel
-    vae: FlaxAutoencoderKL
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
     scheduler: FlaxDDPMScheduler
     # {"text_encoder", "unet", "vae", "scheduler"}: the only arrays; pass them as arguments
     params: dict[str, Any]
-    dtype: Any = jnp.float32
+    dtype: Any = jnp.float32  # the UNet's and the VAE's; the text encoder always runs in float32
 
     @property
     def text_width(self) -> int:
@@ -65,34 +67,31 @@ class FrozenSD:
     def latent_scaling(self) -> float:
         return float(self.vae.config.scaling_factor)
 
-    def text_module(self, extra_tokens: int = 0) -> FlaxCLIPTextModule:
-        """The CLIP text transformer; `extra_tokens` rows appended to its token table.
-
-        Flax checks param shapes against the module's config, so the appended-prefix
-        trick needs a module whose vocab_size counts the extra rows.
-        """
-        config = self.text_config
-        if extra_tokens:
-            config = CLIPTextConfig.from_dict({**config.to_dict(), "vocab_size": config.vocab_size + extra_tokens})
-        return FlaxCLIPTextModule(config=config, dtype=self.dtype)
+    @property
+    def text_encoder(self) -> CLIPTextModel:
+        return CLIPTextModel(self.text_config)
 
     def encode_text(self, text_params, ids: jax.Array, extra_embeddings: jax.Array | None = None) -> jax.Array:
-        """Final hidden states (after the final layer norm), the UNet's context.
+        """Final hidden states (after the final layer norm), the UNet's context; float32.
 
-        `extra_embeddings` [K, D] become token ids V..V+K-1. Never read the pooled
-        output of such an encoding: it finds EOS by argmax(ids).
+        `extra_embeddings` [K, D] become token ids V..V+K-1 (the prefix; prefix.py).
         """
-        extra = 0 if extra_embeddings is None else extra_embeddings.shape[0]
-        if extra:
-            embed = text_params["text_model"]["embeddings"]["token_embedding"]["embedding"]
-            table = jnp.concatenate([embed, extra_embeddings.astype(embed.dtype)], axis=0)
-            text_params = _replace_token_table(text_params, table)
-        positions = jnp.broadcast_to(jnp.arange(ids.shape[-1]), ids.shape)
-        out = self.text_module(extra).apply({"params": text_params}, ids, jnp.ones_like(ids), positions)
-        return out[0]
+        return self.text_encoder.apply({"params": text_params}, ids, extra_embeddings)
 
     def predict_noise(self, unet_params, latents: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
-        return self.unet.apply({"params": unet_params}, latents, timesteps, context).sample
+        return self.unet.apply({"params": unet_params}, latents, timesteps, context)
+
+    def posterior(self, vae_params, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The VAE posterior's (mean, std), channels-last [B, h, w, C], of images [B, 3, H, W] in [-1, 1]."""
+        return self.vae.apply({"params": vae_params}, images, method=AutoencoderKL.encode)
+
+    def decode(self, vae_params, latents: jax.Array) -> jax.Array:
+        """Images [B, 3, H, W] (about [-1, 1]) of unscaled latents [B, C, h, w]."""
+        return self.vae.apply({"params": vae_params}, latents, method=AutoencoderKL.decode)
+
+    def with_remat(self) -> "FrozenSD":
+        """The same model whose UNet recomputes each block's activations in the backward pass (model.remat)."""
+        return dataclasses.replace(self, unet=self.unet.clone(remat=True))
 
     def save(self, folder: str | Path, weights: str = "flax", dtype: str = "float32") -> None:
         save_model(self, folder, weights, dtype)
@@ -101,25 +100,15 @@ class FrozenSD:
         return save_single_file(self, path)
 
 
-def _replace_token_table(text_params, table):
-    embeddings = {**text_params["text_model"]["embeddings"], "token_embedding": {"embedding": table}}
-    return {**text_params, "text_model": {**text_params["text_model"], "embeddings": embeddings}}
-
-
 def _cast(params, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
-def _text_init_shapes(module: FlaxCLIPTextModule):
-    ids = jnp.zeros((1, MAX_LENGTH), jnp.int32)
-    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, ids, ids)["params"])
-
-
-def expected_shapes(text_config: CLIPTextConfig, unet: FlaxUNet2DConditionModel, vae: FlaxAutoencoderKL) -> dict[str, Any]:
+def expected_shapes(text_config: CLIPTextConfig, unet: UNet2DConditionModel, vae: AutoencoderKL) -> dict[str, Any]:
     """The param shapes (jax.ShapeDtypeStruct trees) the configs imply; nothing is initialised."""
     key = jax.random.PRNGKey(0)
     return {
-        "text_encoder": _text_init_shapes(FlaxCLIPTextModule(text_config)),
+        "text_encoder": jax.eval_shape(CLIPTextModel(text_config).init_weights, key),
         "unet": jax.eval_shape(unet.init_weights, key),
         "vae": jax.eval_shape(vae.init_weights, key),
     }
@@ -129,7 +118,7 @@ def _assemble(tokenizer, text_config, unet, vae, scheduler_config, params, dtype
     dtype = DTYPES[dtype_name]
     scheduler = FlaxDDPMScheduler.from_config(scheduler_config)
     params = {
-        "text_encoder": _cast(params["text_encoder"], dtype),
+        "text_encoder": _cast(params["text_encoder"], jnp.float32),
         "unet": _cast(params["unet"], dtype),
         "vae": _cast(params["vae"], dtype),
         "scheduler": scheduler.create_state(),
@@ -167,14 +156,12 @@ SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, dow
 def random_model(text: dict, unet: dict, vae: dict, dtype: str) -> FrozenSD:
     """Random SD-1.x-shaped weights, deterministic (seed 0), initialised under jax.jit."""
     text_config = CLIPTextConfig(**SD1_TEXT, **text)
-    unet = FlaxUNet2DConditionModel(in_channels=4, out_channels=4, dtype=DTYPES[dtype], **unet)
-    vae = FlaxAutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, dtype=DTYPES[dtype], **vae)
-    text_module = FlaxCLIPTextModule(config=text_config)
-    ids = jnp.zeros((1, MAX_LENGTH), jnp.int32)
-    # Diffusers' init_weights takes ~a minute un-jitted even for tiny models; jitted, seconds.
+    unet = UNet2DConditionModel(UNetConfig(in_channels=4, out_channels=4, **unet), DTYPES[dtype])
+    vae = AutoencoderKL(VAEConfig(in_channels=3, out_channels=3, latent_channels=4, **vae), DTYPES[dtype])
+    # Flax init takes long un-jitted even for tiny models (every op dispatched alone); jitted, seconds.
     init = jax.jit(
         lambda key: {
-            "text_encoder": text_module.init(jax.random.fold_in(key, 0), ids, ids, ids)["params"],
+            "text_encoder": CLIPTextModel(text_config).init_weights(jax.random.fold_in(key, 0)),
             "unet": unet.init_weights(jax.random.fold_in(key, 1)),
             "vae": vae.init_weights(jax.random.fold_in(key, 2)),
         }
@@ -231,15 +218,7 @@ def _read_weights(folder: Path, component: str, expected) -> dict[str, Any]:
             state = safetensors.numpy.load_file(sub / pt_name)
         except (OSError, safetensors.SafetensorError) as err:
             raise UserError(f"{sub / pt_name} is not a readable safetensors file: {err}") from None
-        if component == "text_encoder":
-            # transformers' own PyTorch->Flax path; it reads safetensors without torch.
-            # (Its from_pt needs _do_init=True: it names the converted weights after random ones.)
-            try:
-                params = FlaxCLIPTextModel.from_pretrained(sub, from_pt=True, local_files_only=True).params
-            except ValueError as err:
-                raise UserError(f"weights in {sub} do not match its config.json: {err}") from None
-        else:
-            params = convert.pt_to_flax(state, expected)
+        params = convert.pt_to_flax(state, expected)
     else:
         raise UserError(f"{sub} has no weights: expected {flax_name} (Flax) or {pt_name} (PyTorch safetensors)")
     _check_weights(params, expected, sub, "its config.json")
@@ -264,9 +243,9 @@ def _check_weights(params, expected, where: str, config: str) -> None:
 
 def _load_single_file(path: Path, dtype: str) -> FrozenSD:
     state, configs = single_file.read(path)
-    text_config = CLIPTextConfig.from_dict({**SD1_TEXT, **configs["text_encoder"]})
-    unet = FlaxUNet2DConditionModel.from_config(configs["unet"], dtype=DTYPES[dtype])
-    vae = FlaxAutoencoderKL.from_config(configs["vae"], dtype=DTYPES[dtype])
+    text_config = CLIPTextConfig.from_json({**SD1_TEXT, **configs["text_encoder"]})
+    unet = UNet2DConditionModel(UNetConfig.from_json(configs["unet"]), DTYPES[dtype])
+    vae = AutoencoderKL(VAEConfig.from_json(configs["vae"]), DTYPES[dtype])
     params = {}
     for name, expected in expected_shapes(text_config, unet, vae).items():
         params[name] = single_file.component_params(state, name, configs[name], expected, path)
@@ -300,9 +279,9 @@ def load_model(path: str | Path, dtype: str = "float32") -> FrozenSD:
         if not (folder / "tokenizer" / name).is_file():
             raise UserError(f"{folder / 'tokenizer'} has no {name}")
 
-    text_config = CLIPTextConfig.from_dict(_read_config(folder / "text_encoder" / "config.json"))
-    unet = FlaxUNet2DConditionModel.from_config(_read_config(folder / "unet" / "config.json"), dtype=DTYPES[dtype])
-    vae = FlaxAutoencoderKL.from_config(_read_config(folder / "vae" / "config.json"), dtype=DTYPES[dtype])
+    text_config = CLIPTextConfig.from_json(_read_config(folder / "text_encoder" / "config.json"))
+    unet = UNet2DConditionModel(UNetConfig.from_json(_read_config(folder / "unet" / "config.json")), DTYPES[dtype])
+    vae = AutoencoderKL(VAEConfig.from_json(_read_config(folder / "vae" / "config.json")), DTYPES[dtype])
     params = {name: _read_weights(folder, name, expected)
               for name, expected in expected_shapes(text_config, unet, vae).items()}
     scheduler_config = _read_config(folder / "scheduler" / "scheduler_config.json")
@@ -320,18 +299,12 @@ def save_model(model: FrozenSD, folder: str | Path, weights: str = "flax", dtype
         raise UserError(f"saved weights dtype must be 'float32' or 'float16', got {dtype!r}")
     folder = Path(folder)
     model.tokenizer.save_pretrained(folder / "tokenizer")
-    model.text_config.save_pretrained(folder / "text_encoder")
     model.scheduler.save_config(folder / "scheduler")
-    components = {"text_encoder": None, "unet": model.unet, "vae": model.vae}
-    for name, module in components.items():
+    for name, config in component_configs(model).items():
         sub = folder / name
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / "config.json").write_text(json.dumps(config, indent=2))
         params = _cast(model.params[name], jnp.dtype(dtype))
-        if module is not None:
-            module.save_config(sub)
-            if weights == "pt":  # so diffusers' PyTorch classes can read the config too
-                config = json.loads((sub / "config.json").read_text())
-                config["_class_name"] = PT_CLASS_NAMES[name]
-                (sub / "config.json").write_text(json.dumps(config, indent=2))
         flax_name, pt_name = WEIGHT_FILES[name]
         if weights == "flax":
             (sub / flax_name).write_bytes(flax.serialization.to_bytes(jax.device_get(params)))
@@ -352,6 +325,13 @@ def save_model(model: FrozenSD, folder: str | Path, weights: str = "flax", dtype
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
+def component_configs(model: FrozenSD) -> dict[str, dict[str, Any]]:
+    """The config.json of each component, as transformers' and diffusers' PyTorch classes read them too."""
+    return {"text_encoder": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **to_json(model.text_config)},
+            "unet": {"_class_name": "UNet2DConditionModel", **to_json(model.unet.config)},
+            "vae": {"_class_name": "AutoencoderKL", **to_json(model.vae.config)}}
+
+
 def _public(config) -> dict[str, Any]:
     return {key: value for key, value in dict(config).items() if not key.startswith("_")}
 
@@ -360,6 +340,6 @@ def save_single_file(model: FrozenSD, path: str | Path) -> Path:
     """One original-layout (CompVis/LDM) SD 1.x .safetensors, float32, with our configs in its metadata."""
     path = single_file.check_output(path)
     components = {name: convert.flax_to_pt(jax.device_get(model.params[name])) for name in ("text_encoder", "unet", "vae")}
-    configs = {"text_encoder": model.text_config.to_diff_dict(), "unet": _public(model.unet.config),
-               "vae": _public(model.vae.config), "scheduler": _public(model.scheduler.config)}
+    configs = {"text_encoder": to_json(model.text_config), "unet": to_json(model.unet.config),
+               "vae": to_json(model.vae.config), "scheduler": _public(model.scheduler.config)}
     return single_file.save(path, components, configs)

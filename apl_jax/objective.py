@@ -19,11 +19,9 @@ from apl_jax.prefix import encode_with_prefix
 
 
 def encode_posterior(model: FrozenSD, vae_params, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The VAE posterior (mean, std) of uint8 [B, H, W, 3] images, channels-last like diffusers' Flax VAE."""
+    """The VAE posterior (mean, std), channels-last, of uint8 [B, H, W, 3] images."""
     images = pixels.astype(jnp.float32) / 127.5 - 1.0
-    images = jnp.transpose(images, (0, 3, 1, 2)).astype(model.dtype)  # the VAE takes NCHW
-    posterior = model.vae.apply({"params": vae_params}, images, method=model.vae.encode).latent_dist
-    return posterior.mean, posterior.std
+    return model.posterior(vae_params, jnp.transpose(images, (0, 3, 1, 2)).astype(model.dtype))  # the VAE takes NCHW
 
 
 def sample_latents(model: FrozenSD, mean: jax.Array, std: jax.Array, noise: jax.Array) -> jax.Array:

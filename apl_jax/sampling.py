@@ -110,8 +110,7 @@ class Sampler:
             return new, state
 
         latents, _ = jax.lax.fori_loop(0, self.config.steps, body, (latents, state))
-        decoded = model.vae.apply({"params": params["vae"]}, (latents / model.latent_scaling).astype(model.dtype),
-                                  method=model.vae.decode).sample
+        decoded = model.decode(params["vae"], (latents / model.latent_scaling).astype(model.dtype))
         images = jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0, 1)
         return jnp.round(jnp.transpose(images, (0, 2, 3, 1)) * 255).astype(jnp.uint8)
 

@@ -52,7 +52,7 @@ def flops_per_batch(model, args) -> float:
     unet = flops(model.predict_noise, params["unet"],
                  jax.ShapeDtypeStruct((doubled, model.unet.config.in_channels, latent, latent), model.dtype),
                  jax.ShapeDtypeStruct((doubled,), jnp.int32), jax.ShapeDtypeStruct(context.shape, model.dtype))
-    decode = flops(lambda p, z: model.vae.apply({"params": p}, z, method=model.vae.decode).sample, params["vae"],
+    decode = flops(model.decode, params["vae"],
                    jax.ShapeDtypeStruct((args.batch, model.vae.config.latent_channels, latent, latent), model.dtype))
     return args.steps * unet + decode + flops(model.encode_text, params["text_encoder"], ids)
 

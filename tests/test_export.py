@@ -185,5 +185,5 @@ def test_pytorch_unet_and_vae_match(pytorch_pipeline, tiny):
         decoded = pytorch_pipeline.vae.decode(torch.from_numpy(latents)).sample.numpy()
     ours = tiny.predict_noise(tiny.params["unet"], jnp.asarray(latents), jnp.array([10]), jnp.asarray(context))
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=2e-3)
-    our_decoded = tiny.vae.apply({"params": tiny.params["vae"]}, jnp.asarray(latents), method=tiny.vae.decode).sample
+    our_decoded = tiny.decode(tiny.params["vae"], jnp.asarray(latents))
     np.testing.assert_allclose(np.asarray(our_decoded), decoded, atol=1e-4)

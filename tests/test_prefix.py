@@ -107,3 +107,18 @@ def test_prefix_width_is_checked(tiny):
     check_prefix_width(tiny, np.zeros((K, tiny.text_width)))
     with pytest.raises(UserError, match=r"prefix has shape \(10, 768\), but the text encoder is 32 wide"):
         check_prefix_width(tiny, np.zeros((10, 768)))
+
+
+def test_bfloat16_model_keeps_a_small_prefix_step():
+    """Under model.dtype bfloat16 the text path stays float32: an Adam-sized step (1e-3) on a prefix element
+    near 0.75 is below bfloat16's resolution there (2^-8), yet it changes the encoding."""
+    from apl_jax.models import tiny_random
+
+    model = tiny_random("bfloat16")
+    assert jnp.bfloat16(0.75 + 1e-3) == jnp.bfloat16(0.75)  # in bfloat16 the step would vanish
+    ids = jnp.asarray(tokenize(model.tokenizer, ["alz a photo"]))
+    prefix = init_prefix(model, K, jax.random.PRNGKey(0)).at[0, 0].set(0.75)
+    encode = jax.jit(lambda p: encode_with_prefix(model, model.params["text_encoder"], p, ids, PLACEHOLDER))
+    before, after = encode(prefix), encode(prefix.at[0, 0].add(1e-3))
+    assert before.dtype == jnp.float32
+    assert float(jnp.abs(after - before).max()) > 1e-5

@@ -96,7 +96,7 @@ def test_diffusers_from_single_file_matches_ours(tiny, files):
     np.testing.assert_allclose(np.asarray(ours_text), text, atol=1e-4)
     ours_noise = tiny.predict_noise(tiny.params["unet"], jnp.asarray(latents), jnp.array([10]), jnp.asarray(text))
     np.testing.assert_allclose(np.asarray(ours_noise), noise, atol=2e-3)
-    ours_decoded = tiny.vae.apply({"params": tiny.params["vae"]}, jnp.asarray(latents), method=tiny.vae.decode).sample
+    ours_decoded = tiny.decode(tiny.params["vae"], jnp.asarray(latents))
     np.testing.assert_allclose(np.asarray(ours_decoded), decoded, atol=1e-4)
 
 

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from diffusers import FlaxAutoencoderKL
 from tqdm import tqdm
 
 from apl_jax import objective
@@ -115,15 +114,15 @@ def initial_model() -> FrozenSD:
 
 def train_vae(model: FrozenSD, images: np.ndarray, config: BuildConfig) -> FrozenSD:
     """Reconstruction (L1 + L2) with a light KL; then the latent scaling that gives latents unit variance."""
-    vae = model.vae
     optimizer = optax.adam(warmup_cosine(2e-3, config.vae_steps, 1e-4))
 
     def loss_fn(params, pixels, key):
         x = jnp.transpose(pixels.astype(jnp.float32) / 127.5 - 1, (0, 3, 1, 2))
-        posterior = vae.apply({"params": params}, x, method=vae.encode).latent_dist
-        recon = vae.apply({"params": params}, posterior.sample(key), method=vae.decode).sample
-        error = recon - x
-        return jnp.mean(jnp.abs(error)) + jnp.mean(error**2) + 1e-6 * jnp.mean(posterior.kl())
+        mean, std = model.posterior(params, x)
+        z = mean + std * jax.random.normal(key, mean.shape)
+        error = model.decode(params, jnp.transpose(z, (0, 3, 1, 2))) - x
+        kl = 0.5 * jnp.sum(mean**2 + std**2 - 1.0 - 2 * jnp.log(std), axis=(1, 2, 3))  # to N(0, 1), per image
+        return jnp.mean(jnp.abs(error)) + jnp.mean(error**2) + 1e-6 * jnp.mean(kl)
 
     @jax.jit
     def step(params, opt_state, pixels, key):
@@ -145,9 +144,7 @@ def train_vae(model: FrozenSD, images: np.ndarray, config: BuildConfig) -> Froze
     mean, _ = encode_pool(model, images[:2048])
     scaling = float(1.0 / np.std(mean))
     log.info("VAE: final loss %.4f, latent scaling factor %.4f", float(loss), scaling)
-    # Without the private keys: diffusers resets every key named in "_use_default_values".
-    config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
-    vae = FlaxAutoencoderKL.from_config({**config, "scaling_factor": scaling}, dtype=model.dtype)
+    vae = model.vae.clone(config=dataclasses.replace(model.vae.config, scaling_factor=scaling))
     return dataclasses.replace(model, vae=vae)
 
 
@@ -157,7 +154,7 @@ def vae_roundtrip(model: FrozenSD, images: np.ndarray, batch: int = 256) -> np.n
     @jax.jit
     def roundtrip(params, pixels):
         mean, _ = objective.encode_posterior(model, params, pixels)
-        decoded = model.vae.apply({"params": params}, mean, method=model.vae.decode).sample
+        decoded = model.decode(params, jnp.transpose(mean, (0, 3, 1, 2)))
         return jnp.round(jnp.clip((jnp.transpose(decoded, (0, 2, 3, 1)) + 1) * 127.5, 0, 255)).astype(jnp.uint8)
 
     parts = [np.asarray(roundtrip(model.params["vae"], images[i : i + batch])) for i in range(0, len(images), batch)]
