@@ -45,16 +45,21 @@ class ReferenceStep:
         hidden = model.encoder(inputs_embeds=hidden, causal_attention_mask=mask).last_hidden_state
         return model.final_layer_norm(hidden)
 
+    def loss(self, z_t: torch.Tensor, t: torch.Tensor, private_ids: torch.Tensor, neutral_ids: torch.Tensor) -> torch.Tensor:
+        """The APL loss at noisy latents z_t and timesteps t (tests/test_nn.py compares ours with it)."""
+        with torch.no_grad():
+            e_neutral = self.unet(z_t, t, self.encode(neutral_ids, False)).sample
+            e_private_frozen = self.unet(z_t, t, self.encode(private_ids, True)).sample
+        e_private = self.unet(z_t, t, self.encode(private_ids, True)).sample
+        target = e_neutral - self.eta * (e_private_frozen - e_neutral)
+        return torch.nn.functional.mse_loss(e_private.float(), target.float())
+
     def __call__(self, pixels: torch.Tensor, private_ids: torch.Tensor, neutral_ids: torch.Tensor) -> float:
         with torch.no_grad():
             latents = self.vae.encode(pixels).latent_dist.sample() * self.vae.config.scaling_factor
             t = torch.randint(0, self.scheduler.config.num_train_timesteps, (pixels.shape[0],), device=self.device)
             z_t = self.scheduler.add_noise(latents, torch.randn_like(latents), t)
-            e_neutral = self.unet(z_t, t, self.encode(neutral_ids, False)).sample
-            e_private_frozen = self.unet(z_t, t, self.encode(private_ids, True)).sample
-        e_private = self.unet(z_t, t, self.encode(private_ids, True)).sample
-        target = e_neutral - self.eta * (e_private_frozen - e_neutral)
-        loss = torch.nn.functional.mse_loss(e_private.float(), target.float())
+        loss = self.loss(z_t, t, private_ids, neutral_ids)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()

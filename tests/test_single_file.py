@@ -16,8 +16,12 @@ from flax.traverse_util import flatten_dict
 from apl_jax import convert, single_file
 from apl_jax.errors import UserError
 from apl_jax.models import SD1_TEXT, SD15_TEXT, SD15_UNET, SD15_VAE, expected_shapes, load_model, random_model
+from apl_jax.nn.clip import CLIPTextConfig
+from apl_jax.nn.configs import to_json
+from apl_jax.nn.unet import UNet2DConditionModel, UNetConfig
+from apl_jax.nn.vae import AutoencoderKL, VAEConfig
 from apl_jax.tokenizer import tokenize
-from conftest import REPO, train_env
+from conftest import REPO, assert_close, train_env
 
 PROMPT = "a photo of Ada Quill"
 
@@ -48,11 +52,6 @@ def conventional():
                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32, sample_size=512),
         dtype="float32",
     )
-
-
-def public(config):
-    """A diffusers config as JSON has it (lists, no private keys)."""
-    return json.loads(json.dumps({key: value for key, value in config.items() if not key.startswith("_")}))
 
 
 def assert_same_params(a, b):
@@ -93,11 +92,9 @@ def test_diffusers_from_single_file_matches_ours(tiny, files):
         noise = pipe.unet(torch.from_numpy(latents), 10, torch.from_numpy(text)).sample.numpy()
         decoded = pipe.vae.decode(torch.from_numpy(latents)).sample.numpy()
     ours_text = tiny.encode_text(tiny.params["text_encoder"], jnp.asarray(ids))
-    np.testing.assert_allclose(np.asarray(ours_text), text, atol=1e-4)
-    ours_noise = tiny.predict_noise(tiny.params["unet"], jnp.asarray(latents), jnp.array([10]), jnp.asarray(text))
-    np.testing.assert_allclose(np.asarray(ours_noise), noise, atol=2e-3)
-    ours_decoded = tiny.decode(tiny.params["vae"], jnp.asarray(latents))
-    np.testing.assert_allclose(np.asarray(ours_decoded), decoded, atol=1e-4)
+    assert_close(ours_text, text)
+    assert_close(tiny.predict_noise(tiny.params["unet"], jnp.asarray(latents), jnp.array([10]), jnp.asarray(text)), noise)
+    assert_close(tiny.decode(tiny.params["vae"], jnp.asarray(latents)), decoded)
 
 
 def diffusers_original_layout(files):
@@ -162,7 +159,7 @@ def test_ckpt_with_ema_and_lightning_callbacks(conventional, tmp_path, monkeypat
     assert_same_params(model, conventional)
     assert model.text_config.num_attention_heads == 1
     for config, theirs in ((model.unet.config, conventional.unet.config), (model.vae.config, conventional.vae.config)):
-        assert public(config) == public(theirs)
+        assert config == theirs
     ids = jnp.asarray(tokenize(model.tokenizer, [PROMPT]))
     np.testing.assert_array_equal(np.asarray(model.encode_text(model.params["text_encoder"], ids)),
                                   np.asarray(conventional.encode_text(conventional.params["text_encoder"], ids)))
@@ -194,21 +191,23 @@ def test_sd15_layout_and_inferred_configs():
     write are the ones diffusers' converters turn into exactly its SD 1.5 UNet, VAE and CLIP state dicts,
     and the configs inferred back are SD 1.5's."""
     torch = pytest.importorskip("torch", reason="the interop test needs torch (pip install torch)")
-    from diffusers import AutoencoderKL, FlaxAutoencoderKL, FlaxUNet2DConditionModel, UNet2DConditionModel
+    from diffusers import AutoencoderKL as TorchAutoencoderKL
+    from diffusers import UNet2DConditionModel as TorchUNet2DConditionModel
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                      convert_ldm_vae_checkpoint)
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
+    from transformers import CLIPTextConfig as TorchCLIPTextConfig
 
     text_config = CLIPTextConfig(**SD1_TEXT, **SD15_TEXT)
-    unet = FlaxUNet2DConditionModel(in_channels=4, out_channels=4, **SD15_UNET)
-    vae = FlaxAutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **SD15_VAE)
+    unet = UNet2DConditionModel(UNetConfig(**SD15_UNET))
+    vae = AutoencoderKL(VAEConfig(latent_channels=4, **SD15_VAE))
     zero = np.zeros((), np.float32)
     components = {}
     for component, tree in expected_shapes(text_config, unet, vae).items():
         flat = flatten_dict(tree)
         components[component] = {name: convert.to_pt_layout(path, np.broadcast_to(zero, flat[path].shape))
                                  for name, path in convert.pt_names(tree).items()}
-    original = single_file.to_original(components, {"unet": dict(unet.config), "vae": dict(vae.config),
+    original = single_file.to_original(components, {"unet": to_json(unet.config), "vae": to_json(vae.config),
                                                     "text_encoder": {}})
     shapes = {key: value.shape for key, value in original.items()}
     # the keys diffusers itself looks for to call a file SD 1.x
@@ -216,8 +215,8 @@ def test_sd15_layout_and_inferred_configs():
     assert shapes["cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"] == (77, 768)
 
     with torch.device("meta"):
-        theirs = {"unet": UNet2DConditionModel(**SD15_UNET), "vae": AutoencoderKL(**SD15_VAE),
-                  "text_encoder": CLIPTextModel(text_config)}
+        theirs = {"unet": TorchUNet2DConditionModel(**SD15_UNET), "vae": TorchAutoencoderKL(**SD15_VAE),
+                  "text_encoder": CLIPTextModel(TorchCLIPTextConfig(**SD1_TEXT, **SD15_TEXT))}
     converted = {"unet": convert_ldm_unet_checkpoint(original, dict(theirs["unet"].config)),
                  "vae": convert_ldm_vae_checkpoint(original, dict(theirs["vae"].config)),
                  "text_encoder": convert_ldm_clip_checkpoint(original)}
