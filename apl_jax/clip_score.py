@@ -5,21 +5,25 @@ whether the prefix keeps the image faithful to what the user wrote. Images go
 through CLIP's own preprocessing (shorter side resized bicubically to the model's
 input size, centre crop, CLIP's mean/std); the official APL script skipped that.
 The model is a transformers CLIP folder (e.g. openai/clip-vit-large-patch14) with
-flax_model.msgpack or model.safetensors, read without torch.
+flax_model.msgpack or model.safetensors, read without torch into our CLIPModel (apl_jax/nn/clip.py).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+import flax.serialization
 import jax
 import numpy as np
-import safetensors
-from transformers import CLIPImageProcessor, FlaxCLIPModel
+import safetensors.numpy
+from transformers import CLIPImageProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
+from apl_jax import convert
 from apl_jax.errors import UserError
+from apl_jax.nn.clip import CLIPConfig, CLIPModel
 from apl_jax.tokenizer import load_tokenizer, tokenize
 
 SCALE = 100  # the customary reporting scale
@@ -33,15 +37,15 @@ class ClipScorer:
             raise UserError(f"CLIP model folder {folder} has no config.json (expected a transformers CLIP folder)")
         if not any((folder / name).is_file() for name in ("flax_model.msgpack", "model.safetensors")):
             raise UserError(f"CLIP model folder {folder} has no flax_model.msgpack or model.safetensors")
-        try:  # PyTorch safetensors are converted without torch
-            self.model = FlaxCLIPModel.from_pretrained(
-                folder, from_pt=not (folder / "flax_model.msgpack").is_file(), local_files_only=True
-            )
+        try:
+            config = CLIPConfig.from_json(json.loads((folder / "config.json").read_text()))
+            self.model = CLIPModel(config)
+            self.params = _read_params(folder, jax.eval_shape(self.model.init_weights, jax.random.PRNGKey(0)))
         except (OSError, ValueError, safetensors.SafetensorError) as err:
             raise UserError(f"CLIP model folder {folder} could not be loaded: {str(err).splitlines()[0]}") from None
         has_vocab = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
         self.tokenizer = load_tokenizer(folder if has_vocab else None)
-        size = self.model.config.vision_config.image_size
+        size = config.vision.image_size
         if (folder / "preprocessor_config.json").is_file():
             self.processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
         else:
@@ -49,8 +53,10 @@ class ClipScorer:
                 size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                 resample=PILImageResampling.BICUBIC, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
             )
-        self._image_features = jax.jit(lambda params, pixels: self.model.get_image_features(pixels, params=params))
-        self._text_features = jax.jit(lambda params, ids: self.model.get_text_features(ids, params=params))
+        self._image_features = jax.jit(
+            lambda params, pixels: self.model.apply({"params": params}, pixels, method=CLIPModel.image_features))
+        self._text_features = jax.jit(
+            lambda params, ids: self.model.apply({"params": params}, ids, method=CLIPModel.text_features))
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] -> float32 [N, 3, S, S], CLIP's input."""
@@ -62,7 +68,7 @@ class ClipScorer:
         for start in range(0, len(inputs), BATCH):
             chunk = inputs[start : start + BATCH]
             padded = np.concatenate([chunk, np.repeat(chunk[-1:], BATCH - len(chunk), axis=0)])
-            out.append(np.asarray(features(self.model.params, padded))[: len(chunk)])
+            out.append(np.asarray(features(self.params, padded))[: len(chunk)])
         vectors = np.concatenate(out).astype(np.float64)
         return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
 
@@ -81,3 +87,15 @@ class ClipScorer:
         unique = list(dict.fromkeys(prompts))
         text = self.text_embeddings(unique)[[unique.index(p) for p in prompts]]
         return SCALE * np.sum(self.image_embeddings(images) * text, axis=-1)
+
+
+def _read_params(folder: Path, expected) -> dict[str, Any]:
+    """Flax msgpack, or PyTorch safetensors renamed by convert's table; ValueError if they do not fit the config."""
+    if (folder / "flax_model.msgpack").is_file():
+        params = flax.serialization.msgpack_restore((folder / "flax_model.msgpack").read_bytes())
+    else:
+        params = convert.pt_to_flax(safetensors.numpy.load_file(folder / "model.safetensors"), expected)
+    problems = convert.shape_mismatches(params, expected)
+    if problems:
+        raise ValueError(f"its weights do not match its config.json: {problems[0]}")
+    return params

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import flax.serialization
 import jax
 import numpy as np
 import pytest
@@ -176,20 +177,23 @@ def test_embedder_errors(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    from transformers import CLIPConfig, FlaxCLIPModel
+    """A tiny random CLIP (our CLIPModel) as a transformers folder: config.json and flax_model.msgpack."""
+    from apl_jax.nn.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+    from apl_jax.nn.configs import to_json
 
     config = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                         pad_token_id=49407),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                       pad_token_id=49407),
+        CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                         image_size=32, patch_size=8),
         projection_dim=16,
     )
-    model = FlaxCLIPModel(config, _do_init=False)
-    params = jax.jit(model.init_weights, static_argnums=1)(jax.random.PRNGKey(0), model.input_shape)  # seconds faster
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    model.save_pretrained(folder, params=params)  # no tokenizer files: the shipped vocabulary is used
+    params = jax.jit(CLIPModel(config).init_weights)(jax.random.PRNGKey(0))
+    folder = tmp_path_factory.mktemp("tiny-clip")  # no tokenizer files: the shipped vocabulary is used
+    (folder / "config.json").write_text(json.dumps({"model_type": "clip", "projection_dim": 16,
+                                                    "text_config": to_json(config.text),
+                                                    "vision_config": to_json(config.vision)}))
+    (folder / "flax_model.msgpack").write_bytes(flax.serialization.to_bytes(jax.device_get(params)))
     return folder
 
 

@@ -153,3 +153,28 @@ def test_configs_we_cannot_honour_are_clear_errors(config, raw, message):
 def test_config_keys_we_do_not_need_are_ignored():
     config = UNetConfig.from_json({"block_out_channels": [32, 64], "dropout": 0.1, "_class_name": "X", "upcast_attention": False})
     assert config.block_out_channels == (32, 64) and config == UNetConfig(block_out_channels=(32, 64))
+
+
+def test_clip_model_features_match_transformers(tmp_path):
+    """Our CLIPModel (the CLIP score's) reads a transformers PyTorch CLIP folder; same text and image features."""
+    from transformers import CLIPConfig as TorchCLIPConfig
+    from transformers import CLIPModel as TorchCLIPModel
+
+    from apl_jax.clip_score import ClipScorer
+
+    torch.manual_seed(0)
+    theirs = TorchCLIPModel(TorchCLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                         pad_token_id=49407),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)).eval()
+    theirs.save_pretrained(tmp_path)
+    scorer = ClipScorer(tmp_path)
+    pixels = scorer.preprocess(np.random.default_rng(5).integers(0, 256, (2, 40, 48, 3), dtype=np.uint8))
+    ids = tokenize(scorer.tokenizer, ["a red square", "a photo of a cat"])
+    with torch.no_grad():
+        text = theirs.text_projection(theirs.text_model(torch.from_numpy(ids).long()).pooler_output).numpy()
+        image = theirs.visual_projection(theirs.vision_model(torch.from_numpy(pixels)).pooler_output).numpy()
+    assert_close(scorer._text_features(scorer.params, ids), text)
+    assert_close(scorer._image_features(scorer.params, pixels), image)

@@ -1,4 +1,5 @@
-"""The CLIP text transformer (Stable Diffusion's text encoder): final hidden states after the last layer norm."""
+"""CLIP: the text transformer (Stable Diffusion's text encoder: final hidden states after the last layer norm),
+and the full model with its vision transformer and projections (CLIP score, clip_score.py)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,36 @@ class CLIPTextConfig:
     @classmethod
     def from_json(cls, raw) -> "CLIPTextConfig":
         return from_json(cls, raw, "text encoder", SUPPORTED)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_json(cls, raw) -> "CLIPVisionConfig":
+        return from_json(cls, raw, "CLIP vision", SUPPORTED)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+    text: CLIPTextConfig
+    vision: CLIPVisionConfig
+    projection_dim: int = 512
+
+    @classmethod
+    def from_json(cls, raw) -> "CLIPConfig":
+        """A transformers CLIPModel config.json: text_config and vision_config hold what differs from the defaults."""
+        return cls(CLIPTextConfig.from_json(raw.get("text_config") or {}),
+                   CLIPVisionConfig.from_json(raw.get("vision_config") or {}), raw.get("projection_dim", 512))
 
 
 class EncoderLayer(nn.Module):
@@ -155,3 +186,66 @@ class CLIPTextModel(nn.Module):
     def init_weights(self, rng: jax.Array) -> dict[str, Any]:
         ids = jnp.zeros((1, self.config.max_position_embeddings), jnp.int32)
         return self.init(rng, ids)["params"]
+
+
+class VisionEmbeddings(nn.Module):
+    """Non-overlapping patches (a strided conv) behind a learned class token, plus position embeddings."""
+
+    config: CLIPVisionConfig
+
+    @nn.compact
+    def __call__(self, pixels: jax.Array) -> jax.Array:
+        c = self.config
+        patch = (c.patch_size, c.patch_size)
+        x = nn.Conv(c.hidden_size, patch, strides=patch, padding="VALID", use_bias=False, name="patch_embedding")(
+            jnp.transpose(pixels, (0, 2, 3, 1)))
+        x = x.reshape(x.shape[0], -1, c.hidden_size)
+        class_token = self.param("class_embedding", nn.initializers.normal(0.02), (c.hidden_size,))
+        x = jnp.concatenate([jnp.broadcast_to(class_token, (x.shape[0], 1, c.hidden_size)), x], axis=1)
+        positions = nn.Embed(x.shape[1], c.hidden_size, embedding_init=nn.initializers.normal(0.02),
+                             name="position_embedding")(jnp.arange(x.shape[1]))
+        return x + positions
+
+
+class CLIPVisionTransformer(nn.Module):
+    config: CLIPVisionConfig
+
+    @nn.compact
+    def __call__(self, pixels: jax.Array) -> jax.Array:
+        """The pooled output (the class token's final state, layer-normed) of pixels [B, 3, S, S]."""
+        c = self.config
+        x = VisionEmbeddings(c, name="embeddings")(pixels)
+        x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="pre_layrnorm")(x)  # sic: transformers' name
+        x = Encoder(c.num_hidden_layers, c.num_attention_heads, c.intermediate_size, c.hidden_act, c.layer_norm_eps,
+                    name="encoder")(x, causal=False)
+        return nn.LayerNorm(epsilon=c.layer_norm_eps, name="post_layernorm")(x[:, 0])
+
+
+class CLIPModel(nn.Module):
+    """Text and image features in CLIP's shared space (not normalised)."""
+
+    config: CLIPConfig
+
+    def setup(self):
+        self.text_model = CLIPTextTransformer(self.config.text)
+        self.vision_model = CLIPVisionTransformer(self.config.vision)
+        self.text_projection = nn.Dense(self.config.projection_dim, use_bias=False)
+        self.visual_projection = nn.Dense(self.config.projection_dim, use_bias=False)
+        self.logit_scale = self.param("logit_scale", nn.initializers.constant(2.6592), ())
+
+    def text_features(self, ids: jax.Array) -> jax.Array:
+        hidden = self.text_model(ids)
+        # the EOS token's state; EOS has the largest id, so argmax finds the first one
+        return self.text_projection(hidden[jnp.arange(ids.shape[0]), jnp.argmax(ids, axis=-1)])
+
+    def image_features(self, pixels: jax.Array) -> jax.Array:
+        return self.visual_projection(self.vision_model(pixels))
+
+    def __call__(self, ids: jax.Array, pixels: jax.Array):
+        return self.text_features(ids), self.image_features(pixels), self.logit_scale
+
+    def init_weights(self, rng: jax.Array) -> dict[str, Any]:
+        c = self.config
+        ids = jnp.zeros((1, c.text.max_position_embeddings), jnp.int32)
+        pixels = jnp.zeros((1, c.vision.num_channels, c.vision.image_size, c.vision.image_size), jnp.float32)
+        return self.init(rng, ids, pixels)["params"]
