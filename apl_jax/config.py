@@ -28,7 +28,10 @@ NAN_POLICIES = ("stop", "skip")
 @dataclasses.dataclass
 class ModelConfig:
     path: str = "tiny-random"  # a diffusers folder, a single-file SD 1.x checkpoint, or a preset or shipped model's name (models.py)
-    dtype: str = "float32"  # float32 | bfloat16: params and compute of the frozen models
+    dtype: str = "float32"  # float32 | bfloat16: params and compute of the UNet and VAE (the text encoder stays float32)
+    # Recompute each UNet block's activations in the backward pass instead of storing them
+    # (jax.checkpoint): less memory for more compute; same loss and gradient
+    remat: bool = False
 
 
 @dataclasses.dataclass

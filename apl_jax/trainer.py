@@ -144,6 +144,8 @@ def train(config: Config, workdir: str | Path) -> TrainResult:
     with contextlib.ExitStack() as stack:
         _claim_workdir(workdir, stack)
         model = load_model(config.model.path, config.model.dtype)
+        if config.model.remat:
+            model = model.with_remat()
         placeholder_id = single_token_id(model, config.prefix.placeholder)
         host_input = make_input(config, model)
         optimizer = make_optimizer(config.train)

@@ -61,6 +61,8 @@ def jax_worker(args) -> dict:
 
     start = time.perf_counter()
     model = load_model(args.weights, args.dtype)
+    if args.remat:
+        model = model.with_remat()
     progress("jax", f"model loaded in {time.perf_counter() - start:.1f} s on {jax.local_devices()[0].device_kind}")
     # What apl_jax.trainer.make_optimizer builds for grad_accum_steps=1, without importing
     # apl_jax.trainer: it imports the input pipeline (grain, tensorflow-datasets), which the
@@ -196,6 +198,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--split-passes", action="store_true", help="our step: two UNet calls instead of one doubled one")
+    parser.add_argument("--remat", action="store_true", help="our step: recompute the UNet blocks' activations (model.remat)")
     parser.add_argument("--cached-latents", action="store_true",
                         help="our step: VAE encodings precomputed (the reference still encodes every step)")
     parser.add_argument("--numpy-weights", action="store_true",
@@ -219,7 +222,7 @@ def main() -> None:
     for side in ("prepare", "jax") if args.skip_reference else ("prepare", "jax", "torch"):
         command = [sys.executable, __file__, "--worker", side, "--weights", str(weights), "--config", args.config,
                    "--resolution", str(CONFIGS[args.config][1]), "--dtype", args.dtype,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)] + ["--split-passes"] * args.split_passes + ["--cached-latents"] * args.cached_latents
+                   "--steps", str(args.steps), "--warmup", str(args.warmup)] + ["--split-passes"] * args.split_passes + ["--cached-latents"] * args.cached_latents + ["--remat"] * args.remat
         # The worker's stderr (progress lines, warnings, a traceback) passes through as it comes.
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=REPO)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -236,6 +239,7 @@ def main() -> None:
 def report(args, results: dict) -> None:
     passes = "two UNet calls" if args.split_passes else "one doubled UNet call"
     cached = ", our VAE encodings cached" if args.cached_latents else ""
+    cached += ", our UNet blocks rematerialised" if args.remat else ""
     print(f"config={args.config} dtype={args.dtype} batch=1 per step ({passes}{cached}), median of {args.steps} steps "
           f"after {args.warmup} warm-up")
     print(f"{'side':8} {'device':24} {'samples/s':>10} {'step s':>9} {'compile s':>10} {'peak MiB':>9}")

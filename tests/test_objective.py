@@ -112,3 +112,20 @@ def test_cached_posterior_gives_the_same_loss(tiny, batch, keys):
     cached = {k: v for k, v in batch.items() if k != "pixels"} | {"posterior_mean": mean, "posterior_std": std}
     assert_close(loss_fn(tiny)(prefix, tiny.params, cached, keys), loss_fn(tiny)(prefix, tiny.params, batch, keys),
                  rel=1e-5)
+
+
+def test_remat_gives_the_same_loss_and_gradient(tiny, batch, keys):
+    """model.remat recomputes the UNet blocks in the backward pass (the program says so); nothing else changes."""
+    prefix = init_prefix(tiny, 10, jax.random.PRNGKey(0))
+
+    def value_and_grad(model):
+        fn = functools.partial(apl_loss, model=model, placeholder_id=PLACEHOLDER, negative_guidance=1.0)
+        return jax.value_and_grad(fn)
+
+    remat = tiny.with_remat()
+    assert "remat" in str(jax.make_jaxpr(value_and_grad(remat))(prefix, tiny.params, batch, keys))  # jax.checkpoint
+    assert "remat" not in str(jax.make_jaxpr(value_and_grad(tiny))(prefix, tiny.params, batch, keys))
+    (loss, grad), (plain_loss, plain_grad) = (jax.jit(value_and_grad(m))(prefix, tiny.params, batch, keys)
+                                              for m in (remat, tiny))
+    assert_close(loss, plain_loss, rel=1e-6)
+    assert_close(grad, plain_grad, rel=1e-5)
