@@ -17,7 +17,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 # Flax names list elements "<list>_<i>" where PyTorch's ModuleLists say "<list>.<i>".
 # Other "_<digit>" names (linear_1, conv_1...) are real attribute names in both.
 _LIST_SEGMENT = re.compile(r"^(down_blocks|up_blocks|resnets|attentions|transformer_blocks|downsamplers|upsamplers|net|to_out)_(\d+)$")
-# diffusers' Flax VAE attention uses the old attribute names; PyTorch now uses to_q/...
+# our VAE attention keeps the old attribute names (as the shipped weights have them); PyTorch now uses to_q/...
 _VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
