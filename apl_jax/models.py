@@ -17,7 +17,7 @@ import flax.serialization
 import jax
 import jax.numpy as jnp
 import safetensors.numpy
-from diffusers import FlaxAutoencoderKL, FlaxDDPMScheduler, FlaxUNet2DConditionModel
+from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
 from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule
 
@@ -25,6 +25,7 @@ from apl_jax import convert, single_file
 from apl_jax.errors import UserError
 from apl_jax.files import save_safetensors
 from apl_jax.manifest import MANIFEST, verify
+from apl_jax.schedulers import SchedulerConfig, alphas_cumprod
 from apl_jax.tokenizer import MAX_LENGTH, load_tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -44,8 +45,8 @@ class FrozenSD:
     text_config: CLIPTextConfig
     unet: FlaxUNet2DConditionModel
     vae: FlaxAutoencoderKL
-    scheduler: FlaxDDPMScheduler
-    # {"text_encoder", "unet", "vae", "scheduler"}: the only arrays; pass them as arguments
+    scheduler: SchedulerConfig
+    # {"text_encoder", "unet", "vae", "scheduler" (its alphas_cumprod)}: the only arrays; pass them as arguments
     params: dict[str, Any]
     dtype: Any = jnp.float32
 
@@ -125,32 +126,18 @@ def expected_shapes(text_config: CLIPTextConfig, unet: FlaxUNet2DConditionModel,
     }
 
 
-def _assemble(tokenizer, text_config, unet, vae, scheduler_config, params, dtype_name) -> FrozenSD:
+def _assemble(tokenizer, text_config, unet, vae, scheduler: SchedulerConfig, params, dtype_name) -> FrozenSD:
     dtype = DTYPES[dtype_name]
-    scheduler = FlaxDDPMScheduler.from_config(scheduler_config)
     params = {
         "text_encoder": _cast(params["text_encoder"], dtype),
         "unet": _cast(params["unet"], dtype),
         "vae": _cast(params["vae"], dtype),
-        "scheduler": scheduler.create_state(),
+        "scheduler": {"alphas_cumprod": jnp.asarray(alphas_cumprod(scheduler))},
     }
     return FrozenSD(tokenizer, text_config, unet, vae, scheduler, params, dtype)
 
 
 # ---------------------------------------------------------------- presets and shipped models
-
-SD1_SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "skip_prk_steps": True,
-    "prediction_type": "epsilon",
-}
-
 
 # What every SD 1.x text encoder shares (CLIP's vocabulary and context); the rest is per model.
 SD1_TEXT = dict(vocab_size=49408, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
@@ -180,7 +167,7 @@ def random_model(text: dict, unet: dict, vae: dict, dtype: str) -> FrozenSD:
         }
     )
     params = init(jax.random.PRNGKey(0))
-    return _assemble(load_tokenizer(), text_config, unet, vae, SD1_SCHEDULER, params, dtype)
+    return _assemble(load_tokenizer(), text_config, unet, vae, SchedulerConfig(), params, dtype)
 
 
 @functools.lru_cache(maxsize=2)
@@ -271,7 +258,8 @@ def _load_single_file(path: Path, dtype: str) -> FrozenSD:
     for name, expected in expected_shapes(text_config, unet, vae).items():
         params[name] = single_file.component_params(state, name, configs[name], expected, path)
         _check_weights(params[name], expected, f"{path} ({name})", "the config stored in it or inferred from it")
-    return _assemble(load_tokenizer(), text_config, unet, vae, configs.get("scheduler", SD1_SCHEDULER), params, dtype)
+    scheduler = SchedulerConfig.from_dict(configs.get("scheduler", {}))  # its defaults are SD 1.x's
+    return _assemble(load_tokenizer(), text_config, unet, vae, scheduler, params, dtype)
 
 
 def load_model(path: str | Path, dtype: str = "float32") -> FrozenSD:
@@ -305,8 +293,8 @@ def load_model(path: str | Path, dtype: str = "float32") -> FrozenSD:
     vae = FlaxAutoencoderKL.from_config(_read_config(folder / "vae" / "config.json"), dtype=DTYPES[dtype])
     params = {name: _read_weights(folder, name, expected)
               for name, expected in expected_shapes(text_config, unet, vae).items()}
-    scheduler_config = _read_config(folder / "scheduler" / "scheduler_config.json")
-    return _assemble(load_tokenizer(folder / "tokenizer"), text_config, unet, vae, scheduler_config, params, dtype)
+    scheduler = SchedulerConfig.from_dict(_read_config(folder / "scheduler" / "scheduler_config.json"))
+    return _assemble(load_tokenizer(folder / "tokenizer"), text_config, unet, vae, scheduler, params, dtype)
 
 
 # ---------------------------------------------------------------- saving
@@ -321,7 +309,7 @@ def save_model(model: FrozenSD, folder: str | Path, weights: str = "flax", dtype
     folder = Path(folder)
     model.tokenizer.save_pretrained(folder / "tokenizer")
     model.text_config.save_pretrained(folder / "text_encoder")
-    model.scheduler.save_config(folder / "scheduler")
+    model.scheduler.save(folder / "scheduler", f"{'' if weights == 'pt' else 'Flax'}DDPMScheduler")
     components = {"text_encoder": None, "unet": model.unet, "vae": model.vae}
     for name, module in components.items():
         sub = folder / name
@@ -361,5 +349,5 @@ def save_single_file(model: FrozenSD, path: str | Path) -> Path:
     path = single_file.check_output(path)
     components = {name: convert.flax_to_pt(jax.device_get(model.params[name])) for name in ("text_encoder", "unet", "vae")}
     configs = {"text_encoder": model.text_config.to_diff_dict(), "unet": _public(model.unet.config),
-               "vae": _public(model.vae.config), "scheduler": _public(model.scheduler.config)}
+               "vae": _public(model.vae.config), "scheduler": model.scheduler.to_dict()}
     return single_file.save(path, components, configs)
