@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import safetensors.numpy
 from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
+from transformers import CLIPTextConfig, FlaxCLIPTextModel
 from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule
 
 from apl_jax import convert, single_file
@@ -26,7 +26,7 @@ from apl_jax.errors import UserError
 from apl_jax.files import save_safetensors
 from apl_jax.manifest import MANIFEST, verify
 from apl_jax.schedulers import SchedulerConfig, alphas_cumprod
-from apl_jax.tokenizer import MAX_LENGTH, load_tokenizer
+from apl_jax.tokenizer import MAX_LENGTH, ClipTokenizer, load_tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
@@ -41,7 +41,7 @@ PT_CLASS_NAMES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
 
 @dataclasses.dataclass(frozen=True)
 class FrozenSD:
-    tokenizer: CLIPTokenizer
+    tokenizer: ClipTokenizer
     text_config: CLIPTextConfig
     unet: FlaxUNet2DConditionModel
     vae: FlaxAutoencoderKL
