@@ -1,9 +1,9 @@
 """apl-jax: Anonymization Prompt Learning for Stable Diffusion in JAX/Flax."""
 
-from diffusers.utils import logging as _diffusers_logging
-from transformers.utils import logging as _transformers_logging
+import os as _os
 
-# We pin the last diffusers/transformers releases with Flax on purpose; their
-# per-object deprecation warnings would drown every log line we print.
-_diffusers_logging.set_verbosity_error()
-_transformers_logging.set_verbosity_error()
+# diffusers and transformers log per-object notices (deprecations, unused config keys) that would
+# drown every line we print. Both read these variables when they are first imported, in every
+# release, so they need not be imported here; an explicit setting of the user's wins.
+_os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+_os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

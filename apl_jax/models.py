@@ -17,8 +17,6 @@ import flax.serialization
 import jax
 import jax.numpy as jnp
 import safetensors.numpy
-from diffusers import FlaxDDPMScheduler
-from transformers import CLIPTokenizer
 
 from apl_jax import convert, single_file
 from apl_jax.errors import UserError
@@ -28,7 +26,8 @@ from apl_jax.nn.clip import CLIPTextConfig, CLIPTextModel
 from apl_jax.nn.configs import to_json
 from apl_jax.nn.unet import UNet2DConditionModel, UNetConfig
 from apl_jax.nn.vae import AutoencoderKL, VAEConfig
-from apl_jax.tokenizer import MAX_LENGTH, load_tokenizer
+from apl_jax.schedulers import SchedulerConfig, alphas_cumprod
+from apl_jax.tokenizer import MAX_LENGTH, ClipTokenizer, load_tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
@@ -42,12 +41,12 @@ WEIGHT_FILES = {
 
 @dataclasses.dataclass(frozen=True)
 class FrozenSD:
-    tokenizer: CLIPTokenizer
+    tokenizer: ClipTokenizer
     text_config: CLIPTextConfig
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    scheduler: FlaxDDPMScheduler
-    # {"text_encoder", "unet", "vae", "scheduler"}: the only arrays; pass them as arguments
+    scheduler: SchedulerConfig
+    # {"text_encoder", "unet", "vae", "scheduler" (its alphas_cumprod)}: the only arrays; pass them as arguments
     params: dict[str, Any]
     dtype: Any = jnp.float32  # the UNet's and the VAE's; the text encoder always runs in float32
 
@@ -114,32 +113,18 @@ def expected_shapes(text_config: CLIPTextConfig, unet: UNet2DConditionModel, vae
     }
 
 
-def _assemble(tokenizer, text_config, unet, vae, scheduler_config, params, dtype_name) -> FrozenSD:
+def _assemble(tokenizer, text_config, unet, vae, scheduler: SchedulerConfig, params, dtype_name) -> FrozenSD:
     dtype = DTYPES[dtype_name]
-    scheduler = FlaxDDPMScheduler.from_config(scheduler_config)
     params = {
         "text_encoder": _cast(params["text_encoder"], jnp.float32),
         "unet": _cast(params["unet"], dtype),
         "vae": _cast(params["vae"], dtype),
-        "scheduler": scheduler.create_state(),
+        "scheduler": {"alphas_cumprod": jnp.asarray(alphas_cumprod(scheduler))},
     }
     return FrozenSD(tokenizer, text_config, unet, vae, scheduler, params, dtype)
 
 
 # ---------------------------------------------------------------- presets and shipped models
-
-SD1_SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "skip_prk_steps": True,
-    "prediction_type": "epsilon",
-}
-
 
 # What every SD 1.x text encoder shares (CLIP's vocabulary and context); the rest is per model.
 SD1_TEXT = dict(vocab_size=49408, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
@@ -167,7 +152,7 @@ def random_model(text: dict, unet: dict, vae: dict, dtype: str) -> FrozenSD:
         }
     )
     params = init(jax.random.PRNGKey(0))
-    return _assemble(load_tokenizer(), text_config, unet, vae, SD1_SCHEDULER, params, dtype)
+    return _assemble(load_tokenizer(), text_config, unet, vae, SchedulerConfig(), params, dtype)
 
 
 @functools.lru_cache(maxsize=2)
@@ -250,7 +235,8 @@ def _load_single_file(path: Path, dtype: str) -> FrozenSD:
     for name, expected in expected_shapes(text_config, unet, vae).items():
         params[name] = single_file.component_params(state, name, configs[name], expected, path)
         _check_weights(params[name], expected, f"{path} ({name})", "the config stored in it or inferred from it")
-    return _assemble(load_tokenizer(), text_config, unet, vae, configs.get("scheduler", SD1_SCHEDULER), params, dtype)
+    scheduler = SchedulerConfig.from_dict(configs.get("scheduler", {}))  # its defaults are SD 1.x's
+    return _assemble(load_tokenizer(), text_config, unet, vae, scheduler, params, dtype)
 
 
 def load_model(path: str | Path, dtype: str = "float32") -> FrozenSD:
@@ -284,8 +270,8 @@ def load_model(path: str | Path, dtype: str = "float32") -> FrozenSD:
     vae = AutoencoderKL(VAEConfig.from_json(_read_config(folder / "vae" / "config.json")), DTYPES[dtype])
     params = {name: _read_weights(folder, name, expected)
               for name, expected in expected_shapes(text_config, unet, vae).items()}
-    scheduler_config = _read_config(folder / "scheduler" / "scheduler_config.json")
-    return _assemble(load_tokenizer(folder / "tokenizer"), text_config, unet, vae, scheduler_config, params, dtype)
+    scheduler = SchedulerConfig.from_dict(_read_config(folder / "scheduler" / "scheduler_config.json"))
+    return _assemble(load_tokenizer(folder / "tokenizer"), text_config, unet, vae, scheduler, params, dtype)
 
 
 # ---------------------------------------------------------------- saving
@@ -299,7 +285,7 @@ def save_model(model: FrozenSD, folder: str | Path, weights: str = "flax", dtype
         raise UserError(f"saved weights dtype must be 'float32' or 'float16', got {dtype!r}")
     folder = Path(folder)
     model.tokenizer.save_pretrained(folder / "tokenizer")
-    model.scheduler.save_config(folder / "scheduler")
+    model.scheduler.save(folder / "scheduler", f"{'' if weights == 'pt' else 'Flax'}DDPMScheduler")
     for name, config in component_configs(model).items():
         sub = folder / name
         sub.mkdir(parents=True, exist_ok=True)
@@ -332,14 +318,10 @@ def component_configs(model: FrozenSD) -> dict[str, dict[str, Any]]:
             "vae": {"_class_name": "AutoencoderKL", **to_json(model.vae.config)}}
 
 
-def _public(config) -> dict[str, Any]:
-    return {key: value for key, value in dict(config).items() if not key.startswith("_")}
-
-
 def save_single_file(model: FrozenSD, path: str | Path) -> Path:
     """One original-layout (CompVis/LDM) SD 1.x .safetensors, float32, with our configs in its metadata."""
     path = single_file.check_output(path)
     components = {name: convert.flax_to_pt(jax.device_get(model.params[name])) for name in ("text_encoder", "unet", "vae")}
     configs = {"text_encoder": to_json(model.text_config), "unet": to_json(model.unet.config),
-               "vae": to_json(model.vae.config), "scheduler": _public(model.scheduler.config)}
+               "vae": to_json(model.vae.config), "scheduler": model.scheduler.to_dict()}
     return single_file.save(path, components, configs)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from apl_jax.models import FrozenSD
 from apl_jax.prefix import encode_with_prefix
+from apl_jax.schedulers import add_noise
 
 
 def encode_posterior(model: FrozenSD, vae_params, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -43,7 +44,7 @@ def apl_loss(prefix, frozen, batch, keys, *, model: FrozenSD, placeholder_id: in
     else:
         mean, std = encode_posterior(model, frozen["vae"], batch["pixels"])
     latent_hw_c = mean.shape[1:]
-    num_timesteps = model.scheduler.config.num_train_timesteps
+    num_timesteps = model.scheduler.num_train_timesteps
 
     def draw(key):
         k_post, k_t, k_eps = jax.random.split(key, 3)
@@ -54,7 +55,7 @@ def apl_loss(prefix, frozen, batch, keys, *, model: FrozenSD, placeholder_id: in
     posterior_noise, t, eps = jax.vmap(draw)(keys)
     z0 = sample_latents(model, mean, std, posterior_noise)
     eps = jnp.transpose(eps, (0, 3, 1, 2))
-    z_t = model.scheduler.add_noise(frozen["scheduler"], z0, eps, t)
+    z_t = add_noise(frozen["scheduler"]["alphas_cumprod"], z0, eps, t)
 
     context_neutral = jax.lax.stop_gradient(model.encode_text(frozen["text_encoder"], batch["neutral_ids"]))
     context_private = encode_with_prefix(model, frozen["text_encoder"], prefix, batch["private_ids"], placeholder_id)

@@ -17,21 +17,16 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from diffusers import FlaxDDIMScheduler, FlaxDPMSolverMultistepScheduler, FlaxPNDMScheduler
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from apl_jax import schedulers
 from apl_jax.errors import UserError
 from apl_jax.models import FrozenSD
 from apl_jax.prefix import check_prefix_width, expand_placeholder, single_token_id
 from apl_jax.tokenizer import tokenize
 
-SCHEDULERS = {
-    "ddim": FlaxDDIMScheduler,
-    "pndm": FlaxPNDMScheduler,
-    "dpm++": FlaxDPMSolverMultistepScheduler,
-}
 NO_PLACEHOLDER = -1  # matches no token id: the prefix rows exist but are never used
 
 
@@ -48,10 +43,8 @@ class SamplerConfig:
 class Sampler:
     def __init__(self, model: FrozenSD, config: SamplerConfig = SamplerConfig(), prefix: np.ndarray | None = None,
                  placeholder: str = "alz"):
-        if config.scheduler not in SCHEDULERS:
-            raise UserError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {config.scheduler!r}")
-        if config.steps < 1:
-            raise UserError(f"steps must be at least 1, got {config.steps}")
+        # the timesteps and coefficients of every model call; checks the scheduler name and step count
+        scheduler_plan = schedulers.plan(model.scheduler, config.scheduler, config.steps)
         self.model, self.config, self.placeholder = model, config, placeholder
         self.resolution = config.resolution or model.unet.config.sample_size * model.vae_scale_factor
         if self.resolution % model.vae_scale_factor:
@@ -67,58 +60,46 @@ class Sampler:
             prefix = np.zeros((1, model.text_width), np.float32)
         check_prefix_width(model, np.asarray(prefix))
 
-        scheduler_config = {k: v for k, v in model.scheduler.config.items() if not k.startswith("_")}
-        # PNDM's Runge-Kutta warm-up takes extra model calls per step; SD (and a fixed-length loop) skips it.
-        scheduler_config["skip_prk_steps"] = True
-        self.scheduler = SCHEDULERS[config.scheduler].from_config(scheduler_config)
         latent = self.resolution // model.vae_scale_factor
         self.latent_shape = (model.unet.config.in_channels, latent, latent)
-        scheduler_state = self.scheduler.set_timesteps(
-            self.scheduler.create_state(), config.steps, (self.batch_size, *self.latent_shape)
-        )
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.params = jax.device_put(
             {"text_encoder": model.params["text_encoder"], "unet": model.params["unet"], "vae": model.params["vae"],
-             "scheduler": scheduler_state, "prefix": jnp.asarray(prefix, jnp.float32)},
+             "scheduler": scheduler_plan, "prefix": jnp.asarray(prefix, jnp.float32)},
             replicated,
         )
         self._split = NamedSharding(self.mesh, PartitionSpec("batch"))
         self._program = jax.jit(self._generate, out_shardings=self._split)
 
     def _generate(self, params, ids, uncond_ids, keys, placeholder_id, guidance, eta):
-        model, scheduler = self.model, self.scheduler
+        model, kind = self.model, self.config.scheduler
         expanded = expand_placeholder(ids, placeholder_id, model.vocab_size, params["prefix"].shape[0])
         context = model.encode_text(params["text_encoder"], expanded, extra_embeddings=params["prefix"])
         uncond = model.encode_text(params["text_encoder"], uncond_ids)
         context = jnp.concatenate([uncond, context])
-        state = params["scheduler"]
-        latents = jax.vmap(lambda k: jax.random.normal(k, self.latent_shape))(keys) * state.init_noise_sigma
+        plan = params["scheduler"]
+        # SD 1.x's samplers all start from unit-variance noise (diffusers' init_noise_sigma is 1)
+        latents = jax.vmap(lambda k: jax.random.normal(k, self.latent_shape))(keys)
 
         def body(i, carry):
-            latents, state = carry
-            t = state.timesteps[i]
-            doubled = scheduler.scale_model_input(state, jnp.concatenate([latents, latents]), t)
+            latents, history = carry
+            t = plan["timesteps"][i]
+            doubled = jnp.concatenate([latents, latents])
             timesteps = jnp.broadcast_to(t, (doubled.shape[0],))
             noise = model.predict_noise(params["unet"], doubled.astype(model.dtype), timesteps, context)
             e_uncond, e_cond = jnp.split(noise.astype(jnp.float32), 2)
             guided = e_uncond + guidance * (e_cond - e_uncond)
-            new, state = scheduler.step(state, guided, t, latents, return_dict=False)
-            if isinstance(scheduler, FlaxDDIMScheduler):
-                # diffusers' Flax DDIM shrinks the direction term by eta but never adds the noise
-                new = new + eta * self._ddim_sigma(state, t) * jax.vmap(
-                    lambda k: jax.random.normal(jax.random.fold_in(k, i), self.latent_shape))(keys)
-            return new, state
+            # DDIM's eta term; the other samplers ignore it, and XLA drops the unused draw
+            step_noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), self.latent_shape))(keys)
+            return schedulers.step(kind, plan, history, i, guided, latents, eta, step_noise)
 
-        latents, _ = jax.lax.fori_loop(0, self.config.steps, body, (latents, state))
+        # PNDM calls the model once more than `steps` (diffusers' PLMS schedule), so loop over the plan
+        calls = len(plan["timesteps"])
+        history = schedulers.init_history(kind, latents.shape)
+        latents, _ = jax.lax.fori_loop(0, calls, body, (latents, history))
         decoded = model.decode(params["vae"], (latents / model.latent_scaling).astype(model.dtype))
         images = jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0, 1)
         return jnp.round(jnp.transpose(images, (0, 2, 3, 1)) * 255).astype(jnp.uint8)
-
-    def _ddim_sigma(self, state, t):
-        alphas = state.common.alphas_cumprod
-        prev = t - self.scheduler.config.num_train_timesteps // self.config.steps
-        a_t, a_prev = alphas[t], jnp.where(prev >= 0, alphas[jnp.maximum(prev, 0)], state.final_alpha_cumprod)
-        return jnp.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
 
     def _arguments(self, texts, indices, seed, placeholder_id, negative_prompt):
         """One compiled call's arguments; a short chunk is padded to the batch size."""

@@ -43,7 +43,7 @@ def test_matches_separate_passes_by_hand(tiny, batch, keys):
         eps.append(jnp.transpose(jax.random.normal(k_eps, (8, 8, 4)), (2, 0, 1)))
     t = jnp.stack(t)
     z0 = sample_latents(tiny, *encode_posterior(tiny, p["vae"], batch["pixels"]), jnp.stack(post))
-    ac = p["scheduler"].common.alphas_cumprod[t][:, None, None, None]
+    ac = p["scheduler"]["alphas_cumprod"][t][:, None, None, None]
     z_t = jnp.sqrt(ac) * z0 + jnp.sqrt(1 - ac) * jnp.stack(eps)
     e_n = tiny.predict_noise(p["unet"], z_t, t, tiny.encode_text(p["text_encoder"], batch["neutral_ids"]))
     e_p = tiny.predict_noise(p["unet"], z_t, t, encode_with_prefix(tiny, p["text_encoder"], prefix, batch["private_ids"], PLACEHOLDER))

@@ -27,6 +27,37 @@ def test_vocab_size(tokenizer):
     assert len(tokenizer) == 49408
 
 
+# The ids transformers 4.57's CLIPTokenizer (without ftfy) gave, which this project used before its own
+# tokenizer: control characters and U+FFFD dropped, CJK ideographs split apart, NFC, special tokens kept.
+# transformers 5's tokenizer gives other ids for the first two.
+EARLIER_IDS = {
+    "東京の猫": [27667, 365, 21078, 361, 4813, 362, 163, 234, 360],
+    "a\x07b\ufffdc\x00d": [596, 4480],
+    "Cafe\u0301 ÜBER  na\u00efve\tcat": [15304, 6522, 1516, 1097, 35689, 563, 2368],
+    "x<|endoftext|>y": [343, 49407, 344],
+    "it's 2026!!": [585, 568, 273, 271, 273, 277, 748],
+}
+
+
+@pytest.mark.parametrize("text", EARLIER_IDS)
+def test_same_ids_as_before(tokenizer, text):
+    ids = tokenize(tokenizer, [text])[0]
+    assert ids[: len(EARLIER_IDS[text]) + 2].tolist() == [49406, *EARLIER_IDS[text], 49407]
+
+
+def test_transformers_reads_our_folder_and_agrees(tokenizer, tmp_path):
+    """transformers' CLIPTokenizer (4.x or 5.x) loads a saved tokenizer folder and gives our ids on ordinary prompts."""
+    from transformers import CLIPTokenizer
+
+    tokenizer.save_pretrained(tmp_path)
+    theirs = CLIPTokenizer.from_pretrained(tmp_path)
+    prompts = ["a photo of a cat", "alz A close-up portrait of Mira Castellane, 35mm, f/1.8!", "Café naïve Привет",
+               "it's a dog's life\tand\nmore  spaces", "a drawing of " + "a dog " * 80]  # the last is cut
+    expected = theirs(prompts, padding="max_length", truncation=True, max_length=77).input_ids
+    assert tokenize(tokenizer, prompts).tolist() == expected
+    assert theirs.model_max_length == 77 and theirs.pad_token == "<|endoftext|>"
+
+
 def test_shipped_files_regenerate_identically(tmp_path):
     try:
         bpe = open_clip_bpe_path()

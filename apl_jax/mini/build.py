@@ -28,6 +28,7 @@ from apl_jax.manifest import MANIFEST, write_manifest
 from apl_jax.mini import captions, recognizer, world
 from apl_jax.mini.recognizer import warmup_cosine
 from apl_jax.models import FrozenSD, random_model
+from apl_jax.schedulers import add_noise
 from apl_jax.tokenizer import tokenize
 
 log = logging.getLogger(__name__)
@@ -176,9 +177,9 @@ def diffusion_loss_fn(model: FrozenSD) -> Callable:
         params = {**frozen, **train_params}
         k_post, k_t, k_eps = jax.random.split(key, 3)
         z0 = objective.sample_latents(model, mean, std, jax.random.normal(k_post, mean.shape))
-        t = jax.random.randint(k_t, (z0.shape[0],), 0, model.scheduler.config.num_train_timesteps)
+        t = jax.random.randint(k_t, (z0.shape[0],), 0, model.scheduler.num_train_timesteps)
         eps = jax.random.normal(k_eps, z0.shape)
-        z_t = model.scheduler.add_noise(params["scheduler"], z0, eps, t)
+        z_t = add_noise(params["scheduler"]["alphas_cumprod"], z0, eps, t)
         context = model.encode_text(params["text_encoder"], ids)
         return jnp.mean((model.predict_noise(params["unet"], z_t, t, context) - eps) ** 2)
 
