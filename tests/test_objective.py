@@ -113,3 +113,12 @@ def test_cached_posterior_gives_the_same_loss(tiny, batch, keys):
     cached = {k: v for k, v in batch.items() if k != "pixels"} | {"posterior_mean": mean, "posterior_std": std}
     assert_close(loss_fn(tiny)(prefix, tiny.params, cached, keys), loss_fn(tiny)(prefix, tiny.params, batch, keys),
                  rel=1e-5)
+
+
+def test_pass_layout_default_is_the_faster_one_here():
+    """train.fused_unet_passes unset: two UNet calls on CPU, where they measured 14% faster (benchmarks/README.md)."""
+    from apl_jax.config import TrainConfig
+    from apl_jax.objective import fastest_pass_layout
+
+    assert TrainConfig().fused_unet_passes is None
+    assert jax.default_backend() == "cpu" and fastest_pass_layout() is False
