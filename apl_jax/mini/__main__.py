@@ -8,6 +8,7 @@ from pathlib import Path
 
 from apl_jax import preflight
 from apl_jax.cli import add_sampler_args, enable_compilation_cache, run_main, sampler_settings
+from apl_jax.config import NEUTRAL_MODES
 from apl_jax.errors import UserError
 
 
@@ -40,8 +41,8 @@ def _eval(args) -> int:
     if args.batch_size is None:
         args.batch_size = 64  # one device: whole batches, not one image per call
     out = preflight.folder(args.out or Path("runs") / "mini-eval" / f"{args.model}-{Path(args.prefix).stem}", "--out")
-    print_report(run(args.model, args.prefix, out, args.num_images, args.seed, SamplerConfig(**sampler_settings(args))),
-                 out)
+    print_report(run(args.model, args.prefix, out, args.num_images, args.seed, SamplerConfig(**sampler_settings(args)),
+                     args.neutral_mode), out)
     return 0
 
 
@@ -72,6 +73,9 @@ def main(argv=None) -> int:
     evaluate.add_argument("--prefix", required=True, help="a prefix file in any format we export, or a training workdir")
     evaluate.add_argument("--num-images", type=int, default=32, help="per name and prompt kind (default 32)")
     evaluate.add_argument("--out", type=Path, help="report folder (default runs/mini-eval/<model>-<prefix name>)")
+    evaluate.add_argument("--neutral-mode", choices=NEUTRAL_MODES, default="empty",
+                          help="the data.neutral_mode the prefix was trained with: it decides which targets apply "
+                               "(default empty)")
     data = commands.add_parser("data", help="make the APL training data (identity set + generic renders)")
     data.add_argument("--model", default="apl-mini")
     data.add_argument("--seed", type=preflight.seed, default=0)

@@ -75,14 +75,14 @@ def evaluate(sampler: Sampler, params, num_images: int, seed: int = 0, templates
         "generic": generic,
         "identities": identities,
     }
-    report["targets"] = targets(report)
     return report, samples
 
 
 def run(model: str, prefix_path: str, out: Path, num_images: int, seed: int, sampler_config: SamplerConfig,
-        recognizer_params=None) -> dict:
+        neutral_mode: str = "empty", recognizer_params=None) -> dict:
     """Sample, score and write out/report.{md,json}, out/chart.png, out/grid.png; returns the report.
 
+    neutral_mode: the prefix's training mode (data.neutral_mode), which decides the targets that apply.
     recognizer_params: None loads the shipped recognizer."""
     from apl_jax.export import load_prefix
     from apl_jax.models import load_model
@@ -91,6 +91,8 @@ def run(model: str, prefix_path: str, out: Path, num_images: int, seed: int, sam
     sampler = Sampler(load_model(model), sampler_config, prefix.vectors, prefix.placeholder)
     params = recognizer.load() if recognizer_params is None else recognizer_params
     report, samples = evaluate(sampler, params, num_images, seed)
+    report["neutral_mode"] = neutral_mode
+    report["targets"] = targets(report, neutral_mode)
     report["settings"] = {"model": model, "prefix": str(prefix_path),
                           "sampler": f"{sampler_config.scheduler} {sampler_config.steps} steps, "
                                      f"CFG {sampler_config.guidance_scale}"}
@@ -101,5 +103,5 @@ def run(model: str, prefix_path: str, out: Path, num_images: int, seed: int, sam
 def evaluate_after_training(config, prefix_file: Path, out: Path) -> None:
     """What train.py runs on a finished APL-mini prefix: the evaluation, printed and written to out."""
     report = run(config.model.path, str(prefix_file), out, config.eval.num_images, config.train.seed,
-                 SamplerConfig(batch_size=64))
+                 SamplerConfig(batch_size=64), config.data.neutral_mode)
     print_report(report, out)
