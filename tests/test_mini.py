@@ -40,6 +40,17 @@ def test_cast_is_distinct_and_anonymous_faces_are_nobody():
     assert [f.sex for f in faces[:4]] == ["woman", "man", "woman", "man"]
 
 
+def test_a_manifest_description_is_shared_by_other_people():
+    """Attributes mode's neutral prompt must not describe one person: every name's description fits others too."""
+    rng = np.random.default_rng(7)
+    others = list(world.cast().values()) + [world.anonymous_face(rng) for _ in range(500)]
+    for name in world.TRAIN_NAMES:
+        face = world.cast()[name]
+        sharing = [o for o in others if o.partial_description() == face.partial_description() and o.distance(face) > 0]
+        assert sharing, (name, face.partial_description())
+    assert world.cast()["Orla Venhart"].partial_description().count(",") == 1  # sex + hair, then skin: no more
+
+
 def test_captions():
     from apl_jax.data.prompts import Templates
     from apl_jax.mini import captions
@@ -220,7 +231,7 @@ def test_mini_data_is_made_as_the_official_pipeline(short_apl):
     (folder,) = cache.glob("apl-mini-data-*")
     manifest = json.loads((folder / "identities" / "manifest.json").read_text())
     assert len(manifest["images"]) == 16 * 8 and set(manifest["images"].values()) == set(world.TRAIN_NAMES)
-    assert manifest["attributes"]["Orla Venhart"] == world.cast()["Orla Venhart"].description()
+    assert manifest["attributes"]["Orla Venhart"] == world.cast()["Orla Venhart"].partial_description()
     lines = (folder / "generic" / "captions.jsonl").read_text().splitlines()
     assert len(lines) == 64 and all((folder / "generic" / json.loads(line)["file"]).is_file() for line in lines)
 
