@@ -31,6 +31,12 @@ def sample_latents(model: FrozenSD, mean: jax.Array, std: jax.Array, noise: jax.
     return jnp.transpose(z0, (0, 3, 1, 2)) * model.latent_scaling
 
 
+def fastest_pass_layout() -> bool:
+    """train.fused_unet_passes' default for the backend in use (benchmarks/README.md): on CPU two UNet
+    calls measured fastest; on GPU one doubled call is the layout measured so far."""
+    return jax.default_backend() != "cpu"
+
+
 def apl_loss(prefix, frozen, batch, keys, *, model: FrozenSD, placeholder_id: int, negative_guidance: float,
              fused_passes: bool = True):
     """mean((e_p - (e_n - eta * (sg(e_p) - e_n)))^2); only `prefix` gets gradients.

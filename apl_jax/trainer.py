@@ -74,9 +74,10 @@ def make_input(config: Config, model: FrozenSD) -> HostInput:
 class CachedLatentsInput:
     """A HostInput whose batches carry cached VAE posteriors instead of pixels."""
 
-    def __init__(self, host_input: HostInput, model: FrozenSD):
-        encode = jax.jit(functools.partial(objective.encode_posterior, dataclasses.replace(model, params=None)))
-        vae_params = model.params["vae"]
+    def __init__(self, host_input: HostInput, model: FrozenSD, replicated_vae):
+        """`replicated_vae`: the VAE params as the step gets them; the first local device's copy encodes."""
+        encode = jax.jit(functools.partial(objective.encode_posterior, model))
+        vae_params = jax.tree.map(lambda x: x.addressable_shards[0].data[0], replicated_vae)
         self.host_input = host_input
         self.cache = LatentCache(lambda pixels: jax.device_get(encode(vae_params, pixels)))
 
@@ -164,30 +165,35 @@ def train(config: Config, workdir: str | Path) -> TrainResult:
             data_state = parallel.broadcast_json(data_state)
         if data_state is not None:
             host_input.set_state(data_state)
-        return _train_from(config, workdir, model, placeholder_id, host_input, optimizer, state, checkpointer)
+        frozen = parallel.replicate(model.params)
+        # Modules only from here on: the host copy of the frozen weights is freed (it would double
+        # the memory of an SD model); the arrays reach the step as arguments.
+        model = dataclasses.replace(model, params=None)
+        return _train_from(config, workdir, model, frozen, placeholder_id, host_input, optimizer, state, checkpointer)
 
 
-def _train_from(config, workdir, model, placeholder_id, host_input, optimizer, state, checkpointer) -> TrainResult:
+def _train_from(config, workdir, model, frozen, placeholder_id, host_input, optimizer, state,
+                checkpointer) -> TrainResult:
     is_main = checkpointer is not None
     start_step = int(state["step"])
     if start_step:
         log.info("resumed from step %d", start_step)
 
+    fused = config.train.fused_unet_passes
     loss_fn = functools.partial(
         objective.apl_loss,
-        model=dataclasses.replace(model, params=None),  # modules only: arrays come in as arguments
+        model=model,
         placeholder_id=placeholder_id,
         negative_guidance=config.train.negative_guidance,
-        fused_passes=config.train.fused_unet_passes,
+        fused_passes=objective.fastest_pass_layout() if fused is None else fused,
     )
     update_fn = parallel.make_update_fn(loss_fn, optimizer, config.train.nan_policy)
-    frozen = parallel.replicate(model.params)
     device_state = parallel.replicate(state)
 
     metrics_log = MetricsLog(workdir, start_step) if is_main else None
     interrupted = False
     if config.train.cache_latents:
-        host_input = CachedLatentsInput(host_input, model)
+        host_input = CachedLatentsInput(host_input, model, frozen["vae"])
     if start_step < config.train.steps:
         first_batch = parallel.shard(host_input.next_batch())
         step_fn = parallel.compile_step(update_fn, device_state, frozen, first_batch)

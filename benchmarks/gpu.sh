@@ -82,9 +82,9 @@ run prepare "sd15-random (NumPy-filled) exported to $B/sd15-random" 90 env JAX_P
 run train "train step, sd15@512, bf16, one doubled UNet call (the default)" 240 $TRAIN
 run sampling "sampling, sd15-random 512 px, bf16, DDIM 20 steps, batch 4" 150 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 \
   python3 benchmarks/sampling.py --model $B/sd15-random --dtype bfloat16 --steps 20 --batch 4 --repeats 3
-run split-cached "train step, sd15@512, bf16, two UNet calls, VAE encodings cached" 150 $TRAIN --split-passes --cached-latents
+run split-cached "train step, sd15@512, bf16, two UNet calls, VAE encodings cached" 150 $TRAIN --passes split --cached-latents
 # Only if time is left; the PyTorch figure to compare with is the first run's (the same reference step).
-run split "train step, sd15@512, bf16, two UNet calls (ours alone)" 120 $TRAIN --split-passes --skip-reference
+run split "train step, sd15@512, bf16, two UNet calls (ours alone)" 120 $TRAIN --passes split --skip-reference
 nvidia-smi --query-gpu=name,memory.used,memory.total,temperature.gpu,clocks.sm --format=csv
 echo "== done in $SECONDS s"
 exec >&- 2>&-

@@ -71,15 +71,18 @@ def jax_worker(args) -> dict:
     prefix = jax.random.uniform(jax.random.PRNGKey(0), (K, model.text_width))
     state = {"params": prefix, "opt_state": optimizer.init(prefix), "step": 0, "rng": jax.random.PRNGKey(0),
              **nonfinite.initial_fields()}  # the NaN guard's counters, as in the trainer's state
-    loss_fn = functools.partial(objective.apl_loss, model=dataclasses.replace(model, params=None),
-                                placeholder_id=PLACEHOLDER, negative_guidance=ETA, fused_passes=not args.split_passes)
-    frozen, state = parallel.replicate(model.params), parallel.replicate(state)
+    fused = {"auto": objective.fastest_pass_layout(), "fused": True, "split": False}[args.passes]
     batches = examples(args.resolution, args.warmup + args.steps)
     if args.cached_latents:  # what caching the VAE encodings of repeated images would save
         encode = jax.jit(functools.partial(objective.encode_posterior, model))
         for batch in batches:
             mean, std = encode(model.params["vae"], batch.pop("pixels"))
             batch.update(posterior_mean=np.asarray(mean), posterior_std=np.asarray(std))
+    # As the trainer does: the frozen weights go to the devices and the host copy is dropped.
+    frozen, state = parallel.replicate(model.params), parallel.replicate(state)
+    model = dataclasses.replace(model, params=None)
+    loss_fn = functools.partial(objective.apl_loss, model=model, placeholder_id=PLACEHOLDER, negative_guidance=ETA,
+                                fused_passes=fused)
     batches = [parallel.shard(b) for b in batches]
     start = time.perf_counter()
     # What parallel.compile_step does, keeping the lowered program for its FLOP count
@@ -104,7 +107,7 @@ def jax_worker(args) -> dict:
     # Bytes accessed from the compiled one (after fusion).
     cost, compiled_cost = ((c[0] if isinstance(c, list) else c) or {}
                            for c in (lowered.cost_analysis(), step.cost_analysis()))
-    return {"side": "jax", "step_s": statistics.median(times), "compile_s": compile_s,
+    return {"side": "jax", "step_s": statistics.median(times), "compile_s": compile_s, "fused": fused,
             "peak_bytes": stats.get("peak_bytes_in_use") or _peak_rss(), "flops": float(cost.get("flops", 0)),
             "compiled_flops": float(compiled_cost.get("flops", 0)),
             "bytes_accessed": float(compiled_cost.get("bytes accessed", 0)), "device": device.device_kind}
@@ -197,7 +200,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--split-passes", action="store_true", help="our step: two UNet calls instead of one doubled one")
+    parser.add_argument("--passes", default="auto", choices=("auto", "fused", "split"),
+                        help="our step: one doubled UNet call (fused), two calls (split), or the trainer's default for "
+                             "this backend (auto: train.fused_unet_passes unset)")
     parser.add_argument("--remat", action="store_true", help="our step: recompute the UNet blocks' activations (model.remat)")
     parser.add_argument("--cached-latents", action="store_true",
                         help="our step: VAE encodings precomputed (the reference still encodes every step)")
@@ -222,7 +227,7 @@ def main() -> None:
     for side in ("prepare", "jax") if args.skip_reference else ("prepare", "jax", "torch"):
         command = [sys.executable, __file__, "--worker", side, "--weights", str(weights), "--config", args.config,
                    "--resolution", str(CONFIGS[args.config][1]), "--dtype", args.dtype,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)] + ["--split-passes"] * args.split_passes + ["--cached-latents"] * args.cached_latents + ["--remat"] * args.remat
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--passes", args.passes] + ["--cached-latents"] * args.cached_latents + ["--remat"] * args.remat
         # The worker's stderr (progress lines, warnings, a traceback) passes through as it comes.
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=REPO)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -237,7 +242,8 @@ def main() -> None:
 
 
 def report(args, results: dict) -> None:
-    passes = "two UNet calls" if args.split_passes else "one doubled UNet call"
+    fused = results["jax"]["fused"] if "jax" in results else args.passes == "fused"
+    passes = ("one doubled UNet call" if fused else "two UNet calls") + (", the default here" if args.passes == "auto" else "")
     cached = ", our VAE encodings cached" if args.cached_latents else ""
     cached += ", our UNet blocks rematerialised" if args.remat else ""
     print(f"config={args.config} dtype={args.dtype} batch=1 per step ({passes}{cached}), median of {args.steps} steps "

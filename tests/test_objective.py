@@ -129,3 +129,12 @@ def test_remat_gives_the_same_loss_and_gradient(tiny, batch, keys):
                                               for m in (remat, tiny))
     assert_close(loss, plain_loss, rel=1e-6)
     assert_close(grad, plain_grad, rel=1e-5)
+
+
+def test_pass_layout_default_is_the_faster_one_here():
+    """train.fused_unet_passes unset: two UNet calls on CPU, where they measured 14% faster (benchmarks/README.md)."""
+    from apl_jax.config import TrainConfig
+    from apl_jax.objective import fastest_pass_layout
+
+    assert TrainConfig().fused_unet_passes is None
+    assert jax.default_backend() == "cpu" and fastest_pass_layout() is False

@@ -1,4 +1,4 @@
-"""APL-mini: python -m apl_jax.mini build | eval | data (see each command's --help)."""
+"""APL-mini: python -m apl_jax.mini build | eval | sweep | data (see each command's --help)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from apl_jax import preflight
 from apl_jax.cli import add_sampler_args, enable_compilation_cache, run_main, sampler_settings
+from apl_jax.config import NEUTRAL_MODES
 from apl_jax.errors import UserError
 
 
@@ -40,8 +41,31 @@ def _eval(args) -> int:
     if args.batch_size is None:
         args.batch_size = 64  # one device: whole batches, not one image per call
     out = preflight.folder(args.out or Path("runs") / "mini-eval" / f"{args.model}-{Path(args.prefix).stem}", "--out")
-    print_report(run(args.model, args.prefix, out, args.num_images, args.seed, SamplerConfig(**sampler_settings(args))),
-                 out)
+    print_report(run(args.model, args.prefix, out, args.num_images, args.seed, SamplerConfig(**sampler_settings(args)),
+                     args.neutral_mode), out)
+    return 0
+
+
+def _numbers(text: str, kind, what: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise UserError(f"{what} must all be positive, got {text!r}")
+    return values
+
+
+def _sweep(args) -> int:
+    from apl_jax.mini.sweep import sweep
+
+    etas, steps = _numbers(args.etas, float, "--etas"), _numbers(args.steps, int, "--steps")
+    if args.num_images < 1:
+        raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+    out = preflight.folder(args.out, "--out")
+    out.mkdir(parents=True, exist_ok=True)
+    sweep(out, etas, steps, args.num_images, args.set)
+    print((out / "sweep.md").read_text() + f"wrote {out / 'sweep.png'}, sweep.md and sweep.json")
     return 0
 
 
@@ -72,13 +96,27 @@ def main(argv=None) -> int:
     evaluate.add_argument("--prefix", required=True, help="a prefix file in any format we export, or a training workdir")
     evaluate.add_argument("--num-images", type=int, default=32, help="per name and prompt kind (default 32)")
     evaluate.add_argument("--out", type=Path, help="report folder (default runs/mini-eval/<model>-<prefix name>)")
+    evaluate.add_argument("--neutral-mode", choices=NEUTRAL_MODES, default="empty",
+                          help="the data.neutral_mode the prefix was trained with: it decides which targets apply "
+                               "(default empty)")
+    sweep = commands.add_parser("sweep", help="train and score a grid of eta x steps on a validation draw, and plot "
+                                "ID accuracy against scene accuracy")
+    sweep.add_argument("--etas", default="0.5,1,2", help="negative guidance values (default 0.5,1,2)")
+    sweep.add_argument("--steps", default="500,1000,2000", help="training steps; longer runs resume shorter ones "
+                       "(default 500,1000,2000)")
+    sweep.add_argument("--num-images", type=int, default=8, help="per name and prompt kind, per point (default 8)")
+    sweep.add_argument("--out", type=Path, default=Path("runs") / "mini-sweep",
+                       help="one workdir per eta, reports per point, sweep.png (default runs/mini-sweep); "
+                            "a rerun reuses what is there")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a value of configs/mini.yaml for every point (repeatable)")
     data = commands.add_parser("data", help="make the APL training data (identity set + generic renders)")
     data.add_argument("--model", default="apl-mini")
     data.add_argument("--seed", type=preflight.seed, default=0)
     data.add_argument("--out", type=Path, default=Path("~/.cache/apl_jax/datasets"))
     args = parser.parse_args(argv)
     enable_compilation_cache()
-    return {"build": _build, "eval": _eval, "data": _data}[args.command](args)
+    return {"build": _build, "eval": _eval, "sweep": _sweep, "data": _data}[args.command](args)
 
 
 if __name__ == "__main__":

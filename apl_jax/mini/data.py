@@ -1,8 +1,8 @@
 """APL training data for APL-mini, made as the official pipeline makes it.
 
 - identities/: the 16 training names drawn by the base model itself, with the identity-set
-  generation command's code (generate_identities), plus each name's trait description in
-  the manifest (for data.neutral_mode=attributes);
+  generation command's code (generate_identities), plus each name's partial trait description
+  (sex, hair colour, skin) in the manifest (for data.neutral_mode=attributes);
 - generic/: captioned renders of scenes and anonymous faces (captions.jsonl).
 Both then go through the tfds builders like any user's folders. A finished folder is
 kept (keyed by model, sizes and seed), and an interrupted one resumes.
@@ -56,13 +56,15 @@ def prepare(root: Path, model_name: str, seed: int = 0, per_name: int = IDENTITI
     templates = Templates.load(DEFAULT_TEMPLATES)
     identities, generic_dir = folder / "identities", folder / "generic"
     manifest = identities / "manifest.json"
-    if not manifest.is_file() or "attributes" not in json.loads(manifest.read_text()):
+    attributes = {n: world.cast()[n].partial_description() for n in world.TRAIN_NAMES}
+    if not manifest.is_file():
         sampler = Sampler(load_model(model_name), SamplerConfig(batch_size=64))
         # No negative prompt: the official one is SD vocabulary this model never saw, so it would be noise.
         generate(sampler, list(world.TRAIN_NAMES), per_name, identities, seed, Path(DEFAULT_TEMPLATES),
                  negative_prompt="")
-        values = json.loads(manifest.read_text())
-        values["attributes"] = {n: world.cast()[n].description() for n in world.TRAIN_NAMES}
+    values = json.loads(manifest.read_text())
+    if values.get("attributes") != attributes:  # also mends a folder made with older descriptions
+        values["attributes"] = attributes
         manifest.write_text(json.dumps(values, indent=1))
     render_generic(generic_dir, generic, seed, templates)
     return identities, generic_dir

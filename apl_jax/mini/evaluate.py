@@ -22,10 +22,10 @@ from apl_jax.sampling import Sampler, SamplerConfig
 SCENE_PROMPTS = 24
 
 
-def identity_prompts(name: str, num_images: int, templates: Templates) -> list[str]:
+def identity_prompts(name: str, num_images: int, templates: Templates, draw_seed: int = EVAL_SEED) -> list[str]:
     """N portrait prompts, then N template prompts (as the identity set was generated, other draws)."""
     portrait = [captions.PORTRAIT_PROMPT.format(name=name)] * num_images
-    return portrait + [captions.named_caption(name, k, EVAL_SEED, templates) for k in range(num_images)]
+    return portrait + [captions.named_caption(name, k, draw_seed, templates) for k in range(num_images)]
 
 
 def scene_set(count: int, seed: int = EVAL_SEED) -> list[world.Scene]:
@@ -33,14 +33,17 @@ def scene_set(count: int, seed: int = EVAL_SEED) -> list[world.Scene]:
     return [world.random_scene(rng) for _ in range(count)]
 
 
-def evaluate(sampler: Sampler, params, num_images: int, seed: int = 0, templates: Templates | None = None) -> dict:
-    """Every metric of the module docstring, for the sampler's model and prefix."""
+def evaluate(sampler: Sampler, params, num_images: int, seed: int = 0, templates: Templates | None = None,
+             draw_seed: int = EVAL_SEED) -> dict:
+    """Every metric of the module docstring, for the sampler's model and prefix.
+
+    seed: the sampling noise; draw_seed: the template prompts, scenes and real scene renders."""
     from apl_jax.generate_identities import DEFAULT_TEMPLATES
 
     templates = templates or Templates.load(DEFAULT_TEMPLATES)
     references = reference_embeddings(params)
     identities, samples = {}, {}
-    prompts = [p for name in world.NAMES for p in identity_prompts(name, num_images, templates)]
+    prompts = [p for name in world.NAMES for p in identity_prompts(name, num_images, templates, draw_seed)]
     per_name = 2 * num_images
     for condition in CONDITIONS:
         images = sampler(prompts, seed=seed, with_prefix=condition == "prefix", progress=True)
@@ -50,11 +53,11 @@ def evaluate(sampler: Sampler, params, num_images: int, seed: int = 0, templates
             identities.setdefault(name, {})[condition] = score_identities(part, name, references[i])
         samples[condition] = images
 
-    scenes = scene_set(SCENE_PROMPTS)
+    scenes = scene_set(SCENE_PROMPTS, draw_seed)
     per_scene = max(1, num_images // 4)
     scene_prompts = [s.caption() for s in scenes for _ in range(per_scene)]
     expanded = [s for s in scenes for _ in range(per_scene)]
-    real = np.stack([world.render_scene(s, [EVAL_SEED, 7, i]) for i, s in enumerate(expanded)])
+    real = np.stack([world.render_scene(s, [draw_seed, 7, i]) for i, s in enumerate(expanded)])
     features = {"real": recognizer.classify(params, real)["embedding"]}
     generic = {"real": score_scenes(recognizer.classify(params, real), expanded)}
     for condition in CONDITIONS:
@@ -75,14 +78,15 @@ def evaluate(sampler: Sampler, params, num_images: int, seed: int = 0, templates
         "generic": generic,
         "identities": identities,
     }
-    report["targets"] = targets(report)
     return report, samples
 
 
 def run(model: str, prefix_path: str, out: Path, num_images: int, seed: int, sampler_config: SamplerConfig,
-        recognizer_params=None) -> dict:
+        neutral_mode: str = "empty", recognizer_params=None, draw_seed: int = EVAL_SEED) -> dict:
     """Sample, score and write out/report.{md,json}, out/chart.png, out/grid.png; returns the report.
 
+    neutral_mode: the prefix's training mode (data.neutral_mode), which decides the targets that apply.
+    draw_seed: the prompt and scene draws (mini.sweep scores on a draw of its own).
     recognizer_params: None loads the shipped recognizer."""
     from apl_jax.export import load_prefix
     from apl_jax.models import load_model
@@ -90,7 +94,9 @@ def run(model: str, prefix_path: str, out: Path, num_images: int, seed: int, sam
     prefix = load_prefix(prefix_path)
     sampler = Sampler(load_model(model), sampler_config, prefix.vectors, prefix.placeholder)
     params = recognizer.load() if recognizer_params is None else recognizer_params
-    report, samples = evaluate(sampler, params, num_images, seed)
+    report, samples = evaluate(sampler, params, num_images, seed, draw_seed=draw_seed)
+    report["neutral_mode"] = neutral_mode
+    report["targets"] = targets(report, neutral_mode)
     report["settings"] = {"model": model, "prefix": str(prefix_path),
                           "sampler": f"{sampler_config.scheduler} {sampler_config.steps} steps, "
                                      f"CFG {sampler_config.guidance_scale}"}
@@ -101,5 +107,5 @@ def run(model: str, prefix_path: str, out: Path, num_images: int, seed: int, sam
 def evaluate_after_training(config, prefix_file: Path, out: Path) -> None:
     """What train.py runs on a finished APL-mini prefix: the evaluation, printed and written to out."""
     report = run(config.model.path, str(prefix_file), out, config.eval.num_images, config.train.seed,
-                 SamplerConfig(batch_size=64))
+                 SamplerConfig(batch_size=64), config.data.neutral_mode)
     print_report(report, out)

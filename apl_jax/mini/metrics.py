@@ -80,8 +80,8 @@ def _as_score(d: dict) -> IdentityScore:
     return IdentityScore(d["mean"], d["max"], d["faces"], d["images"], [])
 
 
-def targets(report: dict) -> list[dict]:
-    """The issue's targets, each with its measured value and whether it is met."""
+def targets(report: dict, neutral_mode: str) -> list[dict]:
+    """The targets that apply to a prefix trained in `neutral_mode`, each with its measured value and whether it is met."""
     g, gen = report["groups"], report["generic"]
     out = []
 
@@ -99,6 +99,7 @@ def targets(report: dict) -> list[dict]:
     add("face rate with prefix >= 0.90", float(face_rate), 0.9, face_rate >= 0.9)
     bound = 0.95 * gen["plain"]
     add("generic accuracy with prefix >= 0.95 x without", gen["prefix"], bound, gen["prefix"] >= bound)
-    keep = np.mean([g[x]["prefix"]["trait_keep"] for x in g])
-    add("traits kept with prefix >= 0.80 (attributes mode)", float(keep), 0.8, keep >= 0.8)
+    if neutral_mode == "attributes":  # only there does the neutral prompt ask for the traits
+        keep = np.mean([g[x]["prefix"]["trait_keep"] for x in g])
+        add("traits kept with prefix >= 0.80", float(keep), 0.8, keep >= 0.8)
     return out

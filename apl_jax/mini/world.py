@@ -63,6 +63,14 @@ class Face:
     def distance(self, other: "Face") -> int:
         return sum(self.visible(t) != other.visible(t) for t in self.SALIENT)
 
+    def partial_description(self) -> str:
+        """'a woman with red hair, dark skin': what a manifest says of a person (attributes mode).
+
+        Sex, hair colour and skin only, as a real description does not pin down a face: other cast
+        members or anonymous faces share it (tests/test_mini.py checks that for every name)."""
+        first = f"a bald {self.sex}" if self.hair_style == "bald" else f"a {self.sex} with {self.hair_colour} hair"
+        return f"{first}, {self.skin} skin"
+
     def description(self, rng: np.random.Generator | None = None) -> str:
         """'a woman with red hair, long hair, wearing glasses, ...'; with rng, a random subset after the first clause."""
         hair = "a bald" if self.hair_style == "bald" else f"{self.hair_colour} hair"

@@ -1,0 +1,125 @@
+"""APL-mini's trade-off: a grid of η x training steps, each prefix scored, ID accuracy plotted against scene accuracy.
+
+Runs on a *validation* draw: another training seed (so other identity-set and generic renders),
+other sampling seeds and other prompt draws than the evaluation of `python train.py`, so that a
+default chosen from the plot is not chosen on the evaluation itself.
+
+Each η trains in its own workdir; a longer step count resumes the shorter one's checkpoint (the
+trainer's resume is bitwise, so this is the same prefix as a straight run) and each step count's
+prefix is kept as prefix-<steps>.safetensors. Finished prefixes and their scores are reused, so an
+interrupted sweep picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+from apl_jax.config import PROJECT_DIR, Config, load_config
+from apl_jax.mini.data import with_mini_data
+from apl_jax.mini.evaluate import run
+from apl_jax.sampling import SamplerConfig
+from apl_jax.trainer import train
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+
+DEFAULT_CONFIG = PROJECT_DIR / "configs" / "mini.yaml"
+VALIDATION_SEED = 100  # training seed and sampling seed of the validation draw
+VALIDATION_DRAW = 2  # prompt and scene draws (the evaluation's are metrics.EVAL_SEED = 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    eta: float
+    steps: int
+
+    @property
+    def name(self) -> str:
+        return f"eta-{self.eta:g}"
+
+
+def point_score(report: dict, point: Point) -> dict:
+    g, generic = report["groups"], report["generic"]
+    return {"eta": point.eta, "steps": point.steps,
+            "id_accuracy_train": g["train"]["prefix"]["accuracy"], "id_accuracy_heldout": g["heldout"]["prefix"]["accuracy"],
+            "base_id_accuracy_train": g["train"]["plain"]["accuracy"],
+            "scene_accuracy": generic["prefix"], "base_scene_accuracy": generic["plain"],
+            "face_rate": (g["train"]["prefix"]["face_rate"] + g["heldout"]["prefix"]["face_rate"]) / 2}
+
+
+def _train_to(config: Config, point: Point, workdir: Path) -> Path:
+    """prefix-<steps>.safetensors of `point`, trained (or resumed from a shorter run of the same η) if missing."""
+    kept = workdir / f"prefix-{point.steps}.safetensors"
+    if not kept.is_file():
+        train_config = dataclasses.replace(config.train, steps=point.steps, negative_guidance=point.eta)
+        result = train(dataclasses.replace(config, train=train_config), workdir)
+        if result.prefix_file is None:  # stopped by a signal: the checkpoint is saved, nothing to score
+            raise KeyboardInterrupt
+        shutil.copyfile(result.prefix_file, kept)
+    return kept
+
+
+def sweep(out: Path, etas: Sequence[float], steps: Sequence[int], num_images: int, overrides: Sequence[str] = (),
+          default: Point = Point(1.0, 2000)) -> list[dict]:
+    """Train and score every (η, steps) point under `out`; writes sweep.json, sweep.md and sweep.png."""
+    config = load_config(DEFAULT_CONFIG, [f"train.seed={VALIDATION_SEED}", "eval.after_training=false", *overrides])
+    config = with_mini_data(config)
+    scores = []
+    for eta in etas:
+        for count in sorted(steps):
+            point = Point(eta, count)
+            scored = out / point.name / f"eval-{count}" / "report.json"
+            if not scored.is_file():
+                prefix = _train_to(config, point, out / point.name)
+                run(config.model.path, str(prefix), scored.parent, num_images, VALIDATION_SEED,
+                    SamplerConfig(batch_size=64), config.data.neutral_mode, draw_seed=VALIDATION_DRAW)
+            scores.append(point_score(json.loads(scored.read_text()), point))
+    (out / "sweep.json").write_text(json.dumps(scores, indent=1))
+    (out / "sweep.md").write_text(table(scores, default))
+    plot(scores, default, out / "sweep.png")
+    return scores
+
+
+def table(scores: list[dict], default: Point) -> str:
+    lines = ["| η | steps | ID accuracy, training names | ID accuracy, held-out | scene accuracy (without: base) | face rate |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for s in scores:
+        mark = " (default)" if (s["eta"], s["steps"]) == (default.eta, default.steps) else ""
+        lines.append(f"| {s['eta']:g}{mark} | {s['steps']} | {s['id_accuracy_train']:.3f} (base "
+                     f"{s['base_id_accuracy_train']:.3f}) | {s['id_accuracy_heldout']:.3f} | {s['scene_accuracy']:.3f} "
+                     f"({s['base_scene_accuracy']:.3f}) | {s['face_rate']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(scores: list[dict], default: Point, path: Path) -> None:
+    """ID accuracy (training names) against scene accuracy, one point per run; colour = η, label = steps."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    etas = sorted({s["eta"] for s in scores})
+    colours = plt.cm.viridis([i / max(1, len(etas) - 1) for i in range(len(etas))])
+    for eta, colour in zip(etas, colours):
+        row = sorted((s for s in scores if s["eta"] == eta), key=lambda s: s["steps"])
+        ax.plot([s["scene_accuracy"] for s in row], [s["id_accuracy_train"] for s in row], "o-", color=colour,
+                label=f"η = {eta:g}")
+        for s in row:
+            ax.annotate(f"{s['steps']}", (s["scene_accuracy"], s["id_accuracy_train"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+    chosen = [s for s in scores if (s["eta"], s["steps"]) == (default.eta, default.steps)]
+    if chosen:
+        ax.plot(chosen[0]["scene_accuracy"], chosen[0]["id_accuracy_train"], "*", markersize=18, markerfacecolor="none",
+                markeredgecolor="red", label=f"default (η = {default.eta:g}, {default.steps} steps)")
+    base = scores[0]
+    ax.axvline(0.95 * base["base_scene_accuracy"], color="grey", linestyle=":", label="scene target (0.95 × base)")
+    ax.axhline(base["base_id_accuracy_train"] / 10, color="grey", linestyle="--", label="ID target (base / 10)")
+    ax.set_xlabel("scene accuracy with the prefix (higher: ordinary prompts kept)")
+    ax.set_ylabel("ID accuracy with the prefix, training names (lower: anonymized)")
+    ax.set_title("APL-mini trade-off (validation draw)", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
