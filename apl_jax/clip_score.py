@@ -94,7 +94,7 @@ def _read_params(folder: Path, expected) -> dict[str, Any]:
     if (folder / "flax_model.msgpack").is_file():
         params = flax.serialization.msgpack_restore((folder / "flax_model.msgpack").read_bytes())
     else:
-        params = convert.pt_to_flax(safetensors.numpy.load_file(folder / "model.safetensors"), expected)
+        params = convert.pt_to_flax(safetensors.numpy.load_file(folder / "model.safetensors").items(), expected)
     problems = convert.shape_mismatches(params, expected)
     if problems:
         raise ValueError(f"its weights do not match its config.json: {problems[0]}")

@@ -9,7 +9,7 @@ of the expected params (jax.eval_shape), so nothing is initialised just to learn
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
@@ -58,18 +58,21 @@ def pt_names(expected: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
     return {pt_name(path): path for path in flatten_dict(expected)}
 
 
-def pt_to_flax(state: Mapping[str, np.ndarray], expected: Mapping[str, Any]) -> dict[str, Any]:
-    """A PyTorch-named state dict -> a Flax tree, named after `expected` (a tree of shapes).
+def pt_to_flax(tensors: Iterable[tuple[str, np.ndarray]], expected: Mapping[str, Any],
+               leaf: Callable[[np.ndarray], Any] = np.asarray) -> dict[str, Any]:
+    """PyTorch-named (name, tensor) pairs -> a Flax tree, named after `expected` (a tree of shapes).
 
+    Each tensor goes through `leaf` as soon as it is in the Flax layout, so a lazy source (one
+    tensor read at a time) never holds more than one tensor in PyTorch's layout.
     Names the table does not know stay as they are, so shape_mismatches reports them as unexpected.
     """
     table = pt_names(expected)
     flat = {}
-    for name, value in state.items():
+    for name, value in tensors:
         if name.endswith("position_ids"):  # a buffer older transformers saved beside the weights
             continue
         path = table.get(name, tuple(name.split(".")))
-        flat[path] = to_flax_layout(path, np.asarray(value))
+        flat[path] = leaf(to_flax_layout(path, np.asarray(value)))
     return unflatten_dict(flat)
 
 

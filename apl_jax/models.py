@@ -16,7 +16,7 @@ from typing import Any
 import flax.serialization
 import jax
 import jax.numpy as jnp
-import safetensors.numpy
+import safetensors
 
 from apl_jax import convert, single_file
 from apl_jax.errors import UserError
@@ -200,10 +200,13 @@ def _read_weights(folder: Path, component: str, expected) -> dict[str, Any]:
             raise UserError(f"{sub / flax_name} is not a readable Flax msgpack file: {err}") from None
     elif (sub / pt_name).is_file():
         try:
-            state = safetensors.numpy.load_file(sub / pt_name)
+            with safetensors.safe_open(sub / pt_name, framework="numpy") as state:
+                # One tensor at a time, each a device array once in the Flax layout: the load never holds
+                # a second copy of the weights (an SD 1.5 UNet is 3.4 GB in float32).
+                params = convert.pt_to_flax(((name, state.get_tensor(name)) for name in state.keys()), expected,
+                                            leaf=jnp.asarray)
         except (OSError, safetensors.SafetensorError) as err:
             raise UserError(f"{sub / pt_name} is not a readable safetensors file: {err}") from None
-        params = convert.pt_to_flax(state, expected)
     else:
         raise UserError(f"{sub} has no weights: expected {flax_name} (Flax) or {pt_name} (PyTorch safetensors)")
     _check_weights(params, expected, sub, "its config.json")
@@ -246,7 +249,10 @@ def load_model(path: str | Path, dtype: str = "float32") -> FrozenSD:
     if dtype not in DTYPES:
         raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if str(path) in PRESETS:
-        return PRESETS[str(path)](dtype)
+        model = PRESETS[str(path)](dtype)
+        # Fresh containers around the (cached) arrays: a caller that empties its params dict, as the
+        # trainer does while moving them to the devices, must not empty the cache's.
+        return dataclasses.replace(model, params=jax.tree.map(lambda x: x, model.params))
     folder = resolve_model(path)
     if folder.is_file() and folder.suffix in single_file.SUFFIXES:
         return _load_single_file(folder, dtype)

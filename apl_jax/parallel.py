@@ -96,6 +96,19 @@ def replicate(tree: Any) -> Any:
     return jax.tree.map(lambda x: _global_array([jnp.asarray(x)[None]] * n), tree)
 
 
+def replicate_consuming(params: dict) -> dict:
+    """replicate() a nested dict of arrays, popping each array from `params` once it is on the devices.
+
+    An array the caller holds nowhere else is then freed before the next one is copied, so moving
+    SD's frozen weights needs one copy of them plus one array, not two copies.
+    """
+    out = {}
+    for key in list(params):
+        value = params.pop(key)
+        out[key] = replicate_consuming(value) if isinstance(value, dict) else replicate(value)
+    return out
+
+
 def unreplicate(tree: Any) -> Any:
     """This process's first device copy, fetched to host numpy."""
     return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data[0]), tree)

@@ -165,10 +165,10 @@ def train(config: Config, workdir: str | Path) -> TrainResult:
             data_state = parallel.broadcast_json(data_state)
         if data_state is not None:
             host_input.set_state(data_state)
-        frozen = parallel.replicate(model.params)
-        # Modules only from here on: the host copy of the frozen weights is freed (it would double
-        # the memory of an SD model); the arrays reach the step as arguments.
-        model = dataclasses.replace(model, params=None)
+        # Modules only from here on; the arrays reach the step as arguments. The host copy of the frozen
+        # weights is freed array by array as it reaches the devices (two copies of SD would double the memory).
+        params, model = model.params, dataclasses.replace(model, params=None)
+        frozen = parallel.replicate_consuming(params)
         return _train_from(config, workdir, model, frozen, placeholder_id, host_input, optimizer, state, checkpointer)
 
 

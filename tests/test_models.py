@@ -132,3 +132,19 @@ def test_text_encoder_not_matching_config(saved, tmp_path):
 def test_unknown_dtype():
     with pytest.raises(UserError, match="model.dtype must be one of float32, bfloat16, got 'float16'"):
         load_model("tiny-random", dtype="float16")
+
+
+def test_moving_the_weights_to_the_devices_frees_the_host_copy_as_it_goes(tiny):
+    """The trainer's path: load_model, then replicate_consuming of its params; the preset cache stays whole."""
+    from apl_jax import parallel
+
+    model = load_model("tiny-random")
+    params = model.params
+    assert params is not tiny.params and params["unet"] is not tiny.params["unet"]  # fresh containers
+    frozen = parallel.replicate_consuming(params)
+    assert params == {}  # popped: nothing of the host copy is held here any more
+    assert jax.tree.structure(frozen) == jax.tree.structure(tiny.params)
+    for got, want in zip(jax.tree.leaves(frozen), jax.tree.leaves(tiny.params)):
+        assert got.shape == (jax.device_count(), *want.shape)
+        np.testing.assert_array_equal(parallel.unreplicate(got), want)
+    assert load_model("tiny-random").params["unet"].keys() == tiny.params["unet"].keys()  # the cache is intact

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from apl_jax.nn.attention import multi_head_attention
 from apl_jax.nn.configs import from_json
+from apl_jax.nn.layers import Conv, Dense
 
 ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
                "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
@@ -91,8 +92,8 @@ class SelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, causal: bool) -> jax.Array:
         width = x.shape[-1]
-        q, k, v = (nn.Dense(width, name=name)(x) for name in ("q_proj", "k_proj", "v_proj"))
-        return nn.Dense(width, name="out_proj")(multi_head_attention(q, k, v, self.heads, causal=causal))
+        q, k, v = (Dense(width, name=name)(x) for name in ("q_proj", "k_proj", "v_proj"))
+        return Dense(width, name="out_proj")(multi_head_attention(q, k, v, self.heads, causal=causal))
 
 
 class MLP(nn.Module):
@@ -102,8 +103,8 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = ACTIVATIONS[self.activation](nn.Dense(self.intermediate_size, name="fc1")(x))
-        return nn.Dense(self.width, name="fc2")(x)
+        x = ACTIVATIONS[self.activation](Dense(self.intermediate_size, name="fc1")(x))
+        return Dense(self.width, name="fc2")(x)
 
 
 class Encoder(nn.Module):
@@ -197,7 +198,7 @@ class VisionEmbeddings(nn.Module):
     def __call__(self, pixels: jax.Array) -> jax.Array:
         c = self.config
         patch = (c.patch_size, c.patch_size)
-        x = nn.Conv(c.hidden_size, patch, strides=patch, padding="VALID", use_bias=False, name="patch_embedding")(
+        x = Conv(c.hidden_size, patch, strides=patch, padding="VALID", use_bias=False, name="patch_embedding")(
             jnp.transpose(pixels, (0, 2, 3, 1)))
         x = x.reshape(x.shape[0], -1, c.hidden_size)
         class_token = self.param("class_embedding", nn.initializers.normal(0.02), (c.hidden_size,))
@@ -229,8 +230,8 @@ class CLIPModel(nn.Module):
     def setup(self):
         self.text_model = CLIPTextTransformer(self.config.text)
         self.vision_model = CLIPVisionTransformer(self.config.vision)
-        self.text_projection = nn.Dense(self.config.projection_dim, use_bias=False)
-        self.visual_projection = nn.Dense(self.config.projection_dim, use_bias=False)
+        self.text_projection = Dense(self.config.projection_dim, use_bias=False)
+        self.visual_projection = Dense(self.config.projection_dim, use_bias=False)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(2.6592), ())
 
     def text_features(self, ids: jax.Array) -> jax.Array:

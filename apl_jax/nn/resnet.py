@@ -8,9 +8,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from apl_jax.nn.layers import Conv, Dense
 
-def conv3x3(features: int, dtype: Any, name: str, strides: int = 1, padding: Any = ((1, 1), (1, 1))) -> nn.Conv:
-    return nn.Conv(features, (3, 3), strides=(strides, strides), padding=padding, dtype=dtype, name=name)
+
+def conv3x3(features: int, dtype: Any, name: str, strides: int = 1, padding: Any = ((1, 1), (1, 1))) -> Conv:
+    return Conv(features, (3, 3), strides=(strides, strides), padding=padding, dtype=dtype, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -26,11 +28,11 @@ class ResnetBlock(nn.Module):
         h = nn.silu(nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm1")(x))
         h = conv3x3(self.out_channels, self.dtype, "conv1")(h)
         if time_embedding is not None:
-            h = h + nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(time_embedding))[:, None, None]
+            h = h + Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(time_embedding))[:, None, None]
         h = nn.silu(nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm2")(h))
         h = conv3x3(self.out_channels, self.dtype, "conv2")(h)
         if x.shape[-1] != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
+            x = Conv(self.out_channels, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
         return x + h
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from apl_jax.nn.attention import multi_head_attention
+from apl_jax.nn.layers import Conv, Dense
 
 
 class Attention(nn.Module):
@@ -22,11 +23,11 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         context = x if context is None else context
         inner = self.heads * self.head_dim
-        q = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x)
-        k = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context)
-        v = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context)
+        q = Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x)
+        k = Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context)
+        v = Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context)
         out = multi_head_attention(q, k, v.astype(q.dtype), self.heads)
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
+        return Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
 
 
 class GEGLU(nn.Module):
@@ -35,7 +36,7 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        hidden, gate = jnp.split(nn.Dense(2 * self.width, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+        hidden, gate = jnp.split(Dense(2 * self.width, dtype=self.dtype, name="proj")(x), 2, axis=-1)
         return hidden * jax.nn.gelu(gate, approximate=False)  # PyTorch's exact GELU, not flax's tanh default
 
 
@@ -45,7 +46,7 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        return nn.Dense(width, dtype=self.dtype, name="net_2")(GEGLU(4 * width, self.dtype, name="net_0")(x))
+        return Dense(width, dtype=self.dtype, name="net_2")(GEGLU(4 * width, self.dtype, name="net_0")(x))
 
 
 class TransformerBlock(nn.Module):
@@ -80,13 +81,13 @@ class SpatialTransformer(nn.Module):
         inner = self.heads * self.head_dim
         h = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         if self.use_linear_projection:
-            h = nn.Dense(inner, dtype=self.dtype, name="proj_in")(h.reshape(batch, height * width, channels))
+            h = Dense(inner, dtype=self.dtype, name="proj_in")(h.reshape(batch, height * width, channels))
         else:
-            h = nn.Conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(h).reshape(batch, height * width, inner)
+            h = Conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(h).reshape(batch, height * width, inner)
         for i in range(self.depth):
             h = TransformerBlock(self.heads, self.head_dim, self.dtype, name=f"transformer_blocks_{i}")(h, context)
         if self.use_linear_projection:
-            h = nn.Dense(channels, dtype=self.dtype, name="proj_out")(h).reshape(batch, height, width, channels)
+            h = Dense(channels, dtype=self.dtype, name="proj_out")(h).reshape(batch, height, width, channels)
         else:
-            h = nn.Conv(channels, (1, 1), dtype=self.dtype, name="proj_out")(h.reshape(batch, height, width, inner))
+            h = Conv(channels, (1, 1), dtype=self.dtype, name="proj_out")(h.reshape(batch, height, width, inner))
         return x + h

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from apl_jax.errors import UserError
 from apl_jax.nn.configs import check_block_types, from_json
+from apl_jax.nn.layers import Dense
 from apl_jax.nn.resnet import Downsample, ResnetBlock, Upsample, conv3x3
 from apl_jax.nn.transformer import SpatialTransformer
 
@@ -198,5 +199,5 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, features: jax.Array) -> jax.Array:
-        hidden = nn.silu(nn.Dense(self.width, dtype=self.dtype, name="linear_1")(features))
-        return nn.Dense(self.width, dtype=self.dtype, name="linear_2")(hidden)
+        hidden = nn.silu(Dense(self.width, dtype=self.dtype, name="linear_1")(features))
+        return Dense(self.width, dtype=self.dtype, name="linear_2")(hidden)

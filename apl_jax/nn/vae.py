@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from apl_jax.nn.attention import multi_head_attention
 from apl_jax.nn.configs import check_block_types, from_json
+from apl_jax.nn.layers import Conv, Dense
 from apl_jax.nn.resnet import Downsample, ResnetBlock, Upsample, conv3x3
 
 EPS = 1e-6  # every VAE norm's epsilon
@@ -57,8 +58,8 @@ class SelfAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, height, width, channels = x.shape
         h = nn.GroupNorm(self.groups, epsilon=EPS, dtype=self.dtype, name="group_norm")(x).reshape(batch, -1, channels)
-        q, k, v = (nn.Dense(channels, dtype=self.dtype, name=name)(h) for name in ("query", "key", "value"))
-        out = nn.Dense(channels, dtype=self.dtype, name="proj_attn")(multi_head_attention(q, k, v, heads=1))
+        q, k, v = (Dense(channels, dtype=self.dtype, name=name)(h) for name in ("query", "key", "value"))
+        out = Dense(channels, dtype=self.dtype, name="proj_attn")(multi_head_attention(q, k, v, heads=1))
         return x + out.reshape(x.shape)
 
 
@@ -150,8 +151,8 @@ class AutoencoderKL(nn.Module):
 
     def setup(self):
         self.encoder = Encoder(self.config, self.dtype)
-        self.quant_conv = nn.Conv(2 * self.config.latent_channels, (1, 1), dtype=self.dtype)
-        self.post_quant_conv = nn.Conv(self.config.latent_channels, (1, 1), dtype=self.dtype)
+        self.quant_conv = Conv(2 * self.config.latent_channels, (1, 1), dtype=self.dtype)
+        self.post_quant_conv = Conv(self.config.latent_channels, (1, 1), dtype=self.dtype)
         self.decoder = Decoder(self.config, self.dtype)
 
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
