@@ -114,18 +114,22 @@ def add_noise(alphas_cumprod: jax.Array, x0: jax.Array, noise: jax.Array, t: jax
 # ---------------------------------------------------------------- sampling: plans
 
 def _timesteps(config: SchedulerConfig, kind: str, steps: int) -> np.ndarray:
-    """Descending timesteps, diffusers' set_timesteps for each spacing (DPM++ divides by steps + 1)."""
+    """Descending int timesteps, diffusers' set_timesteps for each spacing (DPM++ divides by steps + 1)."""
     total = config.num_train_timesteps
     spacing = config.timestep_spacing or DEFAULT_SPACING[kind]
+    points = steps + 1 if kind == "dpm++" else steps
     if spacing == "linspace":
-        points = steps + 1 if kind == "dpm++" else steps
         ts = np.linspace(0, total - 1, points).round()[::-1]
-        return ts[:-1] if kind == "dpm++" else ts
-    if spacing == "leading":
-        points = steps + 1 if kind == "dpm++" else steps
+    elif spacing == "leading":
         ts = np.arange(points)[::-1] * (total // points) + config.steps_offset
-        return ts[:-1] if kind == "dpm++" else ts
-    return np.round(np.arange(total, 0, -total / steps)) - 1  # trailing
+    else:  # trailing
+        ts = np.round(np.arange(total, 0, -total / steps)) - 1
+    if kind == "dpm++" and spacing != "trailing":
+        ts = ts[:-1]
+    if ts.max() >= total:
+        raise UserError(f"{steps} {kind} steps with steps_offset {config.steps_offset} pass the model's last "
+                        f"timestep {total - 1}")
+    return ts.astype(np.int64)
 
 
 def _final_alpha(config: SchedulerConfig, ac: np.ndarray) -> float:
@@ -138,7 +142,7 @@ def _alpha_at(ac: np.ndarray, t: np.ndarray, final: float) -> np.ndarray:
 
 
 def _ddim_plan(config, ac, steps):
-    ts = _timesteps(config, "ddim", steps).astype(np.int64)
+    ts = _timesteps(config, "ddim", steps)
     a_t = ac[ts]
     a_prev = _alpha_at(ac, ts - config.num_train_timesteps // steps, _final_alpha(config, ac))
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
@@ -159,7 +163,7 @@ _PLMS_WEIGHTS = np.array([
 
 
 def _pndm_plan(config, ac, steps):
-    ascending = _timesteps(config, "pndm", steps)[::-1].astype(np.int64)
+    ascending = _timesteps(config, "pndm", steps)[::-1]
     # steps + 1 model calls: the second-to-last timestep twice (diffusers' plms_timesteps)
     ts = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1]
     ratio = config.num_train_timesteps // steps
@@ -174,8 +178,8 @@ def _pndm_plan(config, ac, steps):
 
 
 def _dpm_plan(config, ac, steps):
-    ts = _timesteps(config, "dpm++", steps).astype(np.int64)
-    sigmas = np.sqrt((1 - ac.astype(np.float64)) / ac)[ts]  # variance-exploding sigmas, as diffusers
+    ts = _timesteps(config, "dpm++", steps)
+    sigmas = np.sqrt((1 - ac) / ac)[ts]  # variance-exploding sigmas, as diffusers
     last = 0.0 if config.final_sigmas_type == "zero" else np.sqrt((1 - ac[0]) / ac[0])
     sigmas = np.concatenate([sigmas, [last]])
     alpha = 1 / np.sqrt(sigmas**2 + 1)  # back to variance-preserving alpha_t, sigma_t
@@ -207,11 +211,7 @@ def plan(config: SchedulerConfig, kind: str, steps: int) -> dict[str, np.ndarray
         raise UserError(f"steps must be at least 1, got {steps}")
     if steps > config.num_train_timesteps:
         raise UserError(f"steps must be at most the model's {config.num_train_timesteps} training timesteps, got {steps}")
-    ac = alphas_cumprod(config).astype(np.float64)
-    tables = _PLANS[kind](config, ac, steps)
-    if tables["timesteps"].max() >= config.num_train_timesteps:
-        raise UserError(f"{steps} {kind} steps with steps_offset {config.steps_offset} pass the model's last "
-                        f"timestep {config.num_train_timesteps - 1}")
+    tables = _PLANS[kind](config, alphas_cumprod(config).astype(np.float64), steps)
     return {key: value if value.dtype == bool else value.astype(np.int32 if key == "timesteps" else np.float32)
             for key, value in tables.items()}
 

@@ -63,6 +63,37 @@ def test_other_schedulers(tiny, scheduler):
     assert images.shape == (1, 32, 32, 3) and images.std() > 0
 
 
+def test_pndm_sampler_runs_every_call_of_the_plan(tiny):
+    """The compiled loop against a plain loop over schedulers.step: PNDM's 2 steps are 3 UNet calls.
+
+    With "trailing" spacing the last call goes from t=499 to 0, so a loop that stopped early shows.
+    """
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from apl_jax import schedulers
+    from apl_jax.tokenizer import tokenize
+
+    tiny = dataclasses.replace(tiny, scheduler=schedulers.SchedulerConfig(timestep_spacing="trailing"))
+    images = Sampler(tiny, SamplerConfig(scheduler="pndm", steps=2, guidance_scale=3.0))(PROMPTS[:1], seed=4)
+    p = tiny.params
+    context = jnp.concatenate([tiny.encode_text(p["text_encoder"], tokenize(tiny.tokenizer, [text]))
+                               for text in ("", PROMPTS[0])])
+    latents = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(4), 0), (1, 4, 8, 8))
+    plan = schedulers.plan(tiny.scheduler, "pndm", 2)
+    history = schedulers.init_history("pndm", latents.shape)
+    np.testing.assert_array_equal(plan["timesteps"], [999, 499, 499])
+    for i, t in enumerate(plan["timesteps"]):
+        e_uncond, e_cond = jnp.split(tiny.predict_noise(p["unet"], jnp.concatenate([latents, latents]),
+                                                        jnp.array([t, t]), context), 2)
+        latents, history = schedulers.step("pndm", plan, history, i, e_uncond + 3.0 * (e_cond - e_uncond), latents)
+    decoded = tiny.vae.apply({"params": p["vae"]}, latents / tiny.latent_scaling, method=tiny.vae.decode).sample
+    expected = np.round(np.clip(np.transpose(np.asarray(decoded), (0, 2, 3, 1)) / 2 + 0.5, 0, 1) * 255)
+    assert np.abs(images.astype(int) - expected).max() <= 1  # float rounding may move a pixel by one level
+
+
 def test_ddim_eta_adds_noise(tiny):
     deterministic = Sampler(tiny, SamplerConfig(steps=3))(PROMPTS[:1], seed=0)
     stochastic = Sampler(tiny, SamplerConfig(steps=3, eta=1.0))(PROMPTS[:1], seed=0)

@@ -174,3 +174,5 @@ def test_bad_configs_are_user_errors():
         schedulers.plan(SD1, "euler", 10)
     with pytest.raises(UserError, match="steps must be at most the model's 1000 training timesteps, got 1001"):
         schedulers.plan(SD1, "ddim", 1001)
+    with pytest.raises(UserError, match="1000 ddim steps with steps_offset 1 pass the model's last timestep 999"):
+        schedulers.plan(SD1, "ddim", 1000)
