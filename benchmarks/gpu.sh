@@ -9,7 +9,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d benchmarks/wheels \
-#     diffusers==0.39.0 transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.2 flax==0.12.8 optax==0.2.8
+#     diffusers==0.42.1 transformers==5.23.0 huggingface_hub==2.4.0 tokenizers==0.23.3 flax==0.12.8 optax==0.2.8
 #
 # (22 MB), then run on the GPU machine: bash benchmarks/gpu.sh. Everything it prints also goes to
 # $OUT/gpu.log ($OUT is the device tool's folder that comes back; /tmp/apl-gpu elsewhere). One
