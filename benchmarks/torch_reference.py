@@ -31,7 +31,7 @@ class ReferenceStep:
         self.optimizer = torch.optim.Adam([self.prefix], lr=lr)
 
     def encode(self, ids: torch.Tensor, with_prefix: bool) -> torch.Tensor:
-        model = self.text.text_model
+        model = getattr(self.text, "text_model", self.text)  # transformers 5 dropped the text_model wrapper
         embedded = model.embeddings.token_embedding(ids)
         if with_prefix:
             rows = []
@@ -42,7 +42,8 @@ class ReferenceStep:
             embedded = torch.stack(rows)
         hidden = model.embeddings(inputs_embeds=embedded)
         mask = _create_4d_causal_attention_mask(ids.shape, hidden.dtype, device=hidden.device)
-        hidden = model.encoder(inputs_embeds=hidden, causal_attention_mask=mask).last_hidden_state
+        # as attention_mask: transformers 5's encoder no longer takes causal_attention_mask (it would ignore it)
+        hidden = model.encoder(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
         return model.final_layer_norm(hidden)
 
     def loss(self, z_t: torch.Tensor, t: torch.Tensor, private_ids: torch.Tensor, neutral_ids: torch.Tensor) -> torch.Tensor:
