@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
-from transformers.masking_utils import create_causal_mask
+from transformers.modeling_attn_mask_utils import _create_4d_causal_attention_mask
 
 
 class ReferenceStep:
@@ -31,7 +31,7 @@ class ReferenceStep:
         self.optimizer = torch.optim.Adam([self.prefix], lr=lr)
 
     def encode(self, ids: torch.Tensor, with_prefix: bool) -> torch.Tensor:
-        model = self.text  # transformers 5: the text transformer itself, no .text_model inside
+        model = getattr(self.text, "text_model", self.text)  # transformers 5 dropped the text_model wrapper
         embedded = model.embeddings.token_embedding(ids)
         if with_prefix:
             rows = []
@@ -41,8 +41,9 @@ class ReferenceStep:
                 rows.append(row)
             embedded = torch.stack(rows)
         hidden = model.embeddings(inputs_embeds=embedded)
-        mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None)
-        hidden = model.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
+        mask = _create_4d_causal_attention_mask(ids.shape, hidden.dtype, device=hidden.device)
+        # as attention_mask: transformers 5's encoder no longer takes causal_attention_mask (it would ignore it)
+        hidden = model.encoder(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
         return model.final_layer_norm(hidden)
 
     def loss(self, z_t: torch.Tensor, t: torch.Tensor, private_ids: torch.Tensor, neutral_ids: torch.Tensor) -> torch.Tensor:

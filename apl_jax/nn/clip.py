@@ -4,7 +4,7 @@ and the full model with its vision transformer and projections (CLIP score, clip
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -20,40 +20,41 @@ SUPPORTED = {"hidden_act": tuple(ACTIVATIONS)}
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
-    vocab_size: int = 49408
+class _TowerConfig:
+    """What the text and the vision transformer share; defaults are transformers' (text: CLIP ViT-B/32's)."""
+
     hidden_size: int = 512
     intermediate_size: int = 2048
-    projection_dim: int = 512
     num_hidden_layers: int = 12
     num_attention_heads: int = 8
-    max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_json(cls, raw):
+        return from_json(cls, raw, cls.COMPONENT, SUPPORTED)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig(_TowerConfig):
+    COMPONENT: ClassVar[str] = "text encoder"
+    vocab_size: int = 49408
+    projection_dim: int = 512
+    max_position_embeddings: int = 77
     pad_token_id: int = 1
     bos_token_id: int = 49406
     eos_token_id: int = 49407
 
-    @classmethod
-    def from_json(cls, raw) -> "CLIPTextConfig":
-        return from_json(cls, raw, "text encoder", SUPPORTED)
-
 
 @dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(_TowerConfig):
+    COMPONENT: ClassVar[str] = "CLIP vision"
     hidden_size: int = 768
     intermediate_size: int = 3072
-    num_hidden_layers: int = 12
     num_attention_heads: int = 12
     num_channels: int = 3
     image_size: int = 224
     patch_size: int = 32
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-
-    @classmethod
-    def from_json(cls, raw) -> "CLIPVisionConfig":
-        return from_json(cls, raw, "CLIP vision", SUPPORTED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,18 +73,15 @@ class CLIPConfig:
 class EncoderLayer(nn.Module):
     """Pre-norm self-attention and MLP, both residual."""
 
-    heads: int
-    intermediate_size: int
-    activation: str
-    eps: float
+    config: "CLIPTextConfig | CLIPVisionConfig"
 
     @nn.compact
     def __call__(self, x: jax.Array, causal: bool) -> jax.Array:
-        width = x.shape[-1]
-        h = nn.LayerNorm(epsilon=self.eps, name="layer_norm1")(x)
-        x = x + SelfAttention(self.heads, name="self_attn")(h, causal)
-        h = nn.LayerNorm(epsilon=self.eps, name="layer_norm2")(x)
-        return x + MLP(self.intermediate_size, width, self.activation, name="mlp")(h)
+        c = self.config
+        h = nn.LayerNorm(epsilon=c.layer_norm_eps, name="layer_norm1")(x)
+        x = x + SelfAttention(c.num_attention_heads, name="self_attn")(h, causal)
+        h = nn.LayerNorm(epsilon=c.layer_norm_eps, name="layer_norm2")(x)
+        return x + MLP(c.intermediate_size, c.hidden_act, name="mlp")(h)
 
 
 class SelfAttention(nn.Module):
@@ -98,41 +96,31 @@ class SelfAttention(nn.Module):
 
 class MLP(nn.Module):
     intermediate_size: int
-    width: int
     activation: str
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = ACTIVATIONS[self.activation](Dense(self.intermediate_size, name="fc1")(x))
-        return Dense(self.width, name="fc2")(x)
+        hidden = ACTIVATIONS[self.activation](Dense(self.intermediate_size, name="fc1")(x))
+        return Dense(x.shape[-1], name="fc2")(hidden)
 
 
 class Encoder(nn.Module):
-    """The layer stack; its params live under encoder/layers/<i>, as transformers names them."""
+    """The layer stack of either tower; its params live under encoder/layers/<i>, as transformers names them."""
 
-    layers: int
-    heads: int
-    intermediate_size: int
-    activation: str
-    eps: float
+    config: "CLIPTextConfig | CLIPVisionConfig"
 
     @nn.compact
     def __call__(self, x: jax.Array, causal: bool) -> jax.Array:
-        stack = LayerStack(self.layers, self.heads, self.intermediate_size, self.activation, self.eps, name="layers")
-        return stack(x, causal)
+        return LayerStack(self.config, name="layers")(x, causal)
 
 
 class LayerStack(nn.Module):
-    layers: int
-    heads: int
-    intermediate_size: int
-    activation: str
-    eps: float
+    config: "CLIPTextConfig | CLIPVisionConfig"
 
     @nn.compact
     def __call__(self, x: jax.Array, causal: bool) -> jax.Array:
-        for i in range(self.layers):
-            x = EncoderLayer(self.heads, self.intermediate_size, self.activation, self.eps, name=str(i))(x, causal)
+        for i in range(self.config.num_hidden_layers):
+            x = EncoderLayer(self.config, name=str(i))(x, causal)
         return x
 
 
@@ -157,8 +145,7 @@ class CLIPTextTransformer(nn.Module):
     def __call__(self, ids: jax.Array, extra_embeddings: jax.Array | None = None) -> jax.Array:
         c = self.config
         x = TextEmbeddings(c, name="embeddings")(ids, extra_embeddings)
-        x = Encoder(c.num_hidden_layers, c.num_attention_heads, c.intermediate_size, c.hidden_act, c.layer_norm_eps,
-                    name="encoder")(x, causal=True)
+        x = Encoder(c, name="encoder")(x, causal=True)
         return nn.LayerNorm(epsilon=c.layer_norm_eps, name="final_layer_norm")(x)
 
 
@@ -217,8 +204,7 @@ class CLIPVisionTransformer(nn.Module):
         c = self.config
         x = VisionEmbeddings(c, name="embeddings")(pixels)
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="pre_layrnorm")(x)  # sic: transformers' name
-        x = Encoder(c.num_hidden_layers, c.num_attention_heads, c.intermediate_size, c.hidden_act, c.layer_norm_eps,
-                    name="encoder")(x, causal=False)
+        x = Encoder(c, name="encoder")(x, causal=False)
         return nn.LayerNorm(epsilon=c.layer_norm_eps, name="post_layernorm")(x[:, 0])
 
 

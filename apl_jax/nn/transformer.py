@@ -26,7 +26,7 @@ class Attention(nn.Module):
         q = Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x)
         k = Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context)
         v = Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context)
-        out = multi_head_attention(q, k, v.astype(q.dtype), self.heads)
+        out = multi_head_attention(q, k, v, self.heads)
         return Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
 
 

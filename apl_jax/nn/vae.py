@@ -75,38 +75,22 @@ class MidBlock(nn.Module):
         return ResnetBlock(self.channels, self.groups, EPS, self.dtype, name="resnets_1")(x)
 
 
-class EncoderBlock(nn.Module):
-    """DownEncoderBlock2D: ResNets, then (but in the last block) a stride-2 conv."""
+class Block(nn.Module):
+    """DownEncoderBlock2D / UpDecoderBlock2D: ResNets, then a 2x down- or upsampling (none in the last block)."""
 
     channels: int
     layers: int
     groups: int
-    add_downsample: bool
+    resample: str | None  # "down", "up" or None
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for j in range(self.layers):
             x = ResnetBlock(self.channels, self.groups, EPS, self.dtype, name=f"resnets_{j}")(x)
-        if self.add_downsample:
+        if self.resample == "down":
             x = Downsample(self.channels, vae_padding=True, dtype=self.dtype, name="downsamplers_0")(x)
-        return x
-
-
-class DecoderBlock(nn.Module):
-    """UpDecoderBlock2D: ResNets, then (but in the last block) a 2x upsampling."""
-
-    channels: int
-    layers: int
-    groups: int
-    add_upsample: bool
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for j in range(self.layers):
-            x = ResnetBlock(self.channels, self.groups, EPS, self.dtype, name=f"resnets_{j}")(x)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample(self.channels, self.dtype, name="upsamplers_0")(x)
         return x
 
@@ -125,7 +109,8 @@ class Encoder(nn.Module):
         c, groups, last = self.config, self.config.norm_num_groups, len(self.config.block_out_channels) - 1
         x = conv3x3(c.block_out_channels[0], self.dtype, "conv_in")(x)
         for i, channels in enumerate(c.block_out_channels):
-            x = EncoderBlock(channels, c.layers_per_block, groups, i < last, self.dtype, name=f"down_blocks_{i}")(x)
+            resample = "down" if i < last else None
+            x = Block(channels, c.layers_per_block, groups, resample, self.dtype, name=f"down_blocks_{i}")(x)
         x = MidBlock(c.block_out_channels[-1], groups, self.dtype, name="mid_block")(x)
         return conv3x3(2 * c.latent_channels, self.dtype, "conv_out")(_norm_out(x, groups, self.dtype))
 
@@ -141,7 +126,8 @@ class Decoder(nn.Module):
         x = conv3x3(c.block_out_channels[-1], self.dtype, "conv_in")(z)
         x = MidBlock(c.block_out_channels[-1], groups, self.dtype, name="mid_block")(x)
         for i, channels in enumerate(reversed(c.block_out_channels)):
-            x = DecoderBlock(channels, c.layers_per_block + 1, groups, i < last, self.dtype, name=f"up_blocks_{i}")(x)
+            resample = "up" if i < last else None
+            x = Block(channels, c.layers_per_block + 1, groups, resample, self.dtype, name=f"up_blocks_{i}")(x)
         return conv3x3(c.out_channels, self.dtype, "conv_out")(_norm_out(x, groups, self.dtype))
 
 
