@@ -71,10 +71,10 @@ def generate(sampler, names: list[str], per_name: int, out, seed: int, templates
     values = yaml.safe_load(Path(templates_file).read_text())
     negative = values.get("generation_negative_prompt", "") if negative_prompt is None else negative_prompt
     out = storage.path(out)
+    # Every process lists the folder before its first batch, and no process can write before all of
+    # them have joined that batch's gather, so all list the same images and render the same batches.
     existing = {p.name for p in out.iterdir()} if out.is_dir() else set()  # one listing, not a request per image
     jobs = [(n, i, k) for i, n in enumerate(names) for k in range(per_name) if file_name(n, k) not in existing]
-    if jax.process_count() > 1:  # every process must render the same batches
-        jobs = [tuple(job) for job in parallel.broadcast_json(jobs)]
     written = 0
     with tqdm(total=len(jobs), desc="identities", unit="img", disable=jax.process_index() != 0) as bar:
         for start in range(0, len(jobs), sampler.batch_size):

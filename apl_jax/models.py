@@ -21,7 +21,7 @@ from diffusers import FlaxAutoencoderKL, FlaxDDPMScheduler, FlaxUNet2DConditionM
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
 from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule
 
-from apl_jax import convert, single_file
+from apl_jax import convert, single_file, storage
 from apl_jax.errors import UserError
 from apl_jax.files import save_safetensors
 from apl_jax.manifest import MANIFEST, verify
@@ -282,7 +282,7 @@ def load_model(path: str | Path, dtype: str = "float32") -> FrozenSD:
         raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if str(path) in PRESETS:
         return PRESETS[str(path)](dtype)
-    folder = resolve_model(path)
+    folder = resolve_model(storage.local_copy(path) if storage.is_remote(path) else path)  # gs://: mirrored once
     if folder.is_file() and folder.suffix in single_file.SUFFIXES:
         return _load_single_file(folder, dtype)
     if folder.is_file():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import tempfile
 from pathlib import Path
 from typing import Union
@@ -55,9 +56,13 @@ def local_copy(value) -> Path:
         return Path(value).expanduser()
     source = epath.Path(str(value))
     target = mirror_folder(value)
-    files = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file()]
-    for remote in files:
-        local = target if remote == source else target / remote.relative_to(source)
+    if source.is_file():
+        pairs = [(source, target)]
+    else:  # walk, not rglob: epath refuses recursive globs on GCS; walk's roots come without the scheme
+        bare = str(source)[len(SCHEME):]
+        pairs = [(source / relative / name, target / relative / name) for root, _, names in source.walk()
+                 for relative in [posixpath.relpath(str(root).removeprefix(SCHEME), bare)] for name in names]
+    for remote, local in pairs:
         if local.is_file() and local.stat().st_size == remote.stat().length:
             continue
         local.parent.mkdir(parents=True, exist_ok=True)

@@ -68,15 +68,26 @@ def run_train(workdir: Path | str, *overrides: str, devices: int = 1, timeout: i
                           capture_output=True, text=True, timeout=timeout)
 
 
-def run_processes(args_of, count: int = 2, devices: int = 4, timeout: int = 600) -> list[str]:
+def run_processes(args_of, count: int = 2, devices: int = 4, timeout: int = 600,
+                  extra_env: dict[str, str] | None = None) -> list[str]:
     """Run one multi-process JAX program: args_of(process_id, coordinator_address) -> argv, `count` processes of
     `devices` CPU devices each. Returns each process's merged output; every process must exit 0."""
     address = f"127.0.0.1:{free_port()}"
-    procs = [subprocess.Popen(args_of(process_id, address), env=train_env(devices), cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for process_id in range(count)]
-    outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-3000:]
+    # Files, not pipes: a process whose pipe is not being read would block on a full one while
+    # the others wait for it at a barrier.
+    logs = [tempfile.TemporaryFile("w+") for _ in range(count)]
+    procs = [subprocess.Popen(args_of(process_id, address), env=train_env(devices, extra_env), cwd=REPO, stdout=log,
+                              stderr=subprocess.STDOUT, text=True) for process_id, log in enumerate(logs)]
+    for proc in procs:
+        proc.wait(timeout=timeout)
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    # All outputs: the first process to fail often only reports that another one died.
+    assert [proc.returncode for proc in procs] == [0] * count, "\n".join(
+        f"--- process {k} (exit {proc.returncode}):\n{out[-6000:]}" for k, (proc, out) in enumerate(zip(procs, outputs)))
     return outputs
 
 

@@ -38,13 +38,24 @@ def straight(tmp_path_factory):
     return safetensors.numpy.load_file(workdir / "prefix.safetensors")["<alz>"]
 
 
-def test_gs_workdir_stops_and_resumes_bitwise(gcs, straight):
-    run = "gs://bucket/run"
-    first = run_train(run, *STEPS, "train.steps=2", extra_env=gcs)  # stopped at step 2 (its checkpoint saved)
+RUN = "gs://bucket/run"
+
+
+@pytest.fixture(scope="module")
+def gs_run(gcs):
+    """A tiny run in gs://bucket/run, stopped at step 2 (train.steps=2 saves it) and resumed to step 4."""
+    first = run_train(RUN, *STEPS, "train.steps=2", extra_env=gcs)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert list_gcs(gcs, run + "/checkpoints") == ["2"]
-    resumed = run_train(run, *STEPS, "train.steps=4", extra_env=gcs)
+    checkpoints = list_gcs(gcs, RUN + "/checkpoints")
+    resumed = run_train(RUN, *STEPS, "train.steps=4", extra_env=gcs)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return checkpoints, resumed
+
+
+def test_gs_workdir_stops_and_resumes_bitwise(gcs, gs_run, straight):
+    run = RUN
+    checkpoints, resumed = gs_run
+    assert checkpoints == ["2"]
     assert "resumed from step 2" in resumed.stderr
     assert list_gcs(gcs, run + "/checkpoints") == ["2", "4"]
     prefix = safetensors.numpy.load(read_gcs(gcs, run + "/prefix.safetensors"))["<alz>"]
@@ -93,3 +104,29 @@ def test_read_only_bucket_is_one_error_line(monkeypatch):
         preflight.folder("gs://read-only/run", "--out")
     assert str(err.value) == ("--out gs://read-only/run is not writable: cannot create objects in gs://read-only "
                               f"(Forbidden: gs://read-only/run/.apl-jax-write-test-{os.getpid()})")
+
+
+def test_model_prefix_and_sample_outputs_on_gs(gcs, gs_run, tiny, tmp_path, monkeypatch):
+    from etils import epath
+
+    from apl_jax import storage
+
+    local = tmp_path / "tiny"
+    tiny.save(local)
+    for key, value in gcs.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(storage, "LOCAL_MIRROR", tmp_path / "mirror")
+    files = sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file())
+    for name in files:
+        (epath.Path("gs://bucket/models/tiny") / str(name)).write_bytes((local / name).read_bytes())
+    mirror = storage.local_copy("gs://bucket/models/tiny")
+    assert all((mirror / name).read_bytes() == (local / name).read_bytes() for name in files)
+
+    out = "gs://bucket/samples"
+    done = subprocess.run([sys.executable, str(REPO / "sample.py"), "--model", "gs://bucket/models/tiny", "--prefix",
+                           RUN + "/prefix.safetensors", "--prompt", "a photo", "--num-images", "2", "--steps", "2",
+                           "--out", out + "/grid.png", "--save-dir", out + "/images"],
+                          env=train_env(extra_env=gcs), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list_gcs(gcs, out + "/images") == ["0000-a_photo-prefix.png", "0001-a_photo-prefix.png"]
+    assert read_gcs(gcs, out + "/grid.png").startswith(b"\x89PNG")
