@@ -1,9 +1,12 @@
 """Orbax checkpoints of the training state, the data position and the config.
 
 The state {params, opt_state, step, rng, skipped_steps, nonfinite_step} is saved
-unreplicated, as host arrays, so it restores onto any device count. Only process 0
-writes (and restores: the trainer broadcasts the result), which keeps every other
-host off the file system. A state with NaN or Inf is never saved. A corrupt newest
+unreplicated, as host arrays, so it restores onto any device count. Every process
+takes part in save and restore, as orbax intends on many hosts: the checkpoint
+folder must be storage they all see (gs://, or a shared file system); orbax has
+the primary process write the host arrays and commit, and the others wait at its
+barriers. Which host is primary does not matter, so a preempted host 0 that comes
+back as a new machine resumes. A state with NaN or Inf is never saved. A corrupt newest
 checkpoint is set aside and the newest intact one restored, with a warning; none
 intact, or one that belongs to an incompatible run, is an error: training never
 silently starts again from scratch.
@@ -16,14 +19,14 @@ import itertools
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from apl_jax import nonfinite
+from apl_jax import nonfinite, storage
 from apl_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -39,28 +42,24 @@ class _Corrupt(Exception):
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep: int, config: dict[str, Any]):
+    def __init__(self, directory, keep: int, config: dict[str, Any]):
         if keep < 1:  # orbax would delete every checkpoint right after saving it
             raise UserError(f"train.keep_checkpoints must be >= 1, got {keep}")
-        self.directory = Path(directory).absolute()
+        directory = storage.path(directory)
+        self.directory = directory if storage.is_remote(directory) else directory.absolute()
         self.config = config
-        self.directory.mkdir(parents=True, exist_ok=True)  # orbax won't create it with active_processes set
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
-                create=False,
-                enable_async_checkpointing=False,
-                multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0}),
-            ),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
             item_names=("state", "data", "config"),
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, state: dict[str, Any], data_position: dict[str, Any]) -> Path:
-        """Save host state at its own step; orbax commits atomically (temp dir, then rename).
+    def save(self, state: dict[str, Any], data_position: dict[str, Any]) -> storage.AnyPath:
+        """Save host state at its own step, on every process; orbax commits atomically (a temp
+        folder renamed locally; a commit marker file on GCS, which has no rename).
 
         Returns the checkpoint's folder, checked to be on disk."""
         step = int(state["step"])
@@ -137,18 +136,22 @@ class Checkpointer:
         )
 
     def _set_aside(self, corrupt: list[tuple[int, str]], restored: int) -> None:
-        aside = self.directory.parent / "corrupt-checkpoints"
-        aside.mkdir(exist_ok=True)
-        for step, why in corrupt:
-            # An earlier fallback may have set aside the same step number.
-            names = itertools.chain([str(step)], (f"{step}.{n}" for n in itertools.count(1)))
-            target = next(aside / name for name in names if not (aside / name).exists())
-            (self.directory / str(step)).rename(target)
-            log.warning("checkpoint %s is corrupt: %s; restored the newest intact one, %s, and moved the corrupt one to %s",
-                        self.directory / str(step), why, self.directory / str(restored), target)
+        """Process 0 moves the corrupt folders (on GCS a copy and delete per object); all wait for it."""
+        if jax.process_index() == 0:
+            aside = self.directory.parent / "corrupt-checkpoints"
+            aside.mkdir(parents=True, exist_ok=True)
+            for step, why in corrupt:
+                # An earlier fallback may have set aside the same step number.
+                names = itertools.chain([str(step)], (f"{step}.{n}" for n in itertools.count(1)))
+                target = next(aside / name for name in names if not (aside / name).exists())
+                (self.directory / str(step)).rename(target)
+                log.warning("checkpoint %s is corrupt: %s; restored the newest intact one, %s, and moved the corrupt one "
+                            "to %s", self.directory / str(step), why, self.directory / str(restored), target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("apl_jax checkpoints set aside")
         self.manager.reload()
 
-    def _check_compatible(self, saved: dict[str, Any], where: Path) -> None:
+    def _check_compatible(self, saved: dict[str, Any], where: storage.AnyPath) -> None:
         for section, key in STRUCTURAL_KEYS:
             old, new = saved.get(section, {}).get(key), self.config[section][key]
             if old != new:
@@ -190,9 +193,10 @@ def _brief(err: Exception) -> str:
     return f"{type(err).__name__}: {text[:300]}"
 
 
-def read_prefix(path: str | Path) -> tuple[np.ndarray, str, int]:
-    """(prefix, placeholder, step) from a workdir, its checkpoints/ folder, or one step's folder."""
-    path = Path(path).absolute()
+def read_prefix(path) -> tuple[np.ndarray, str, int]:
+    """(prefix, placeholder, step) from a workdir, its checkpoints/ folder, or one step's folder (local or gs://)."""
+    path = storage.path(path)
+    path = path if storage.is_remote(path) else path.absolute()
     if (path / "checkpoints").is_dir():
         root, step = path / "checkpoints", None
     elif path.name.isdigit() and (path / "state").is_dir():

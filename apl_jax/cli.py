@@ -52,10 +52,21 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=preflight.at_least(8, "--resolution"), default=None,
                         help="pixels (default: the model's)")
     parser.add_argument("--batch-size", type=preflight.at_least(1, "--batch-size"), default=None,
-                        help="images per compiled call (default: device count)")
+                        help="images per compiled call (default: device count, all processes together)")
+    processes = parser.add_argument_group("multi-process runs (jax.distributed; leave unset on a TPU pod or under "
+                                          "SLURM, where JAX finds them, and on one host)")
+    processes.add_argument("--coordinator-address", help="HOST:PORT of process 0")
+    processes.add_argument("--num-processes", type=preflight.at_least(1, "--num-processes"))
+    processes.add_argument("--process-id", type=preflight.at_least(0, "--process-id"))
 
 
 def sampler_settings(args: argparse.Namespace) -> dict:
     """The sampler flags of add_sampler_args as sampling.SamplerConfig's keyword arguments."""
     return dict(scheduler=args.scheduler, steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
                 resolution=args.resolution, batch_size=args.batch_size)
+
+
+def parallel_settings(args: argparse.Namespace) -> dict:
+    """The multi-process flags of add_sampler_args as config.ParallelConfig's keyword arguments."""
+    return dict(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                process_id=args.process_id)

@@ -8,6 +8,8 @@ evaluation prompt), and of each generic prompt in --prompts, plain and with the
 prefix. DIR receives report.md, report.json, id_scores.png (per identity),
 grids/*.png (plain rows above prefixed ones) and images/<group>/<condition>/*.png
 with images/<group>/manifest.json; --reuse keeps images whose manifest matches.
+DIR may be gs://. In N processes each process writes the images its devices drew;
+process 0 writes the manifests (after a barrier), grids and report.
 """
 
 from __future__ import annotations
@@ -22,15 +24,19 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+import jax
 import matplotlib
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm import tqdm
 
-from apl_jax import preflight
-from apl_jax.cli import add_sampler_args, enable_compilation_cache, run_main, sampler_settings
+from apl_jax import parallel, preflight, storage
+from apl_jax.cli import add_sampler_args, enable_compilation_cache, parallel_settings, run_main, sampler_settings
+from apl_jax.config import ParallelConfig
 from apl_jax.errors import UserError
 from apl_jax.export import load_prefix
+from apl_jax.files import atomic_write
 from apl_jax.face_id import (
     FaceEmbedder, IdentityScore, identity_score, make_embedder, reference_embedding, reference_photos, summarise,
 )
@@ -49,7 +55,7 @@ GRID_TILE = 128  # pixels per grid image, so pages of 512 px and of 32 px images
 
 # ---------------------------------------------------------------- images
 
-def load_or_sample(make_sampler: Callable[[], Sampler], folder: Path, prompts: Sequence[str], num_images: int,
+def load_or_sample(make_sampler: Callable[[], Sampler], folder, prompts: Sequence[str], num_images: int,
                    seed: int, settings: dict, reuse: bool) -> dict[str, np.ndarray]:
     """{condition: uint8 [len(prompts) * num_images, H, W, 3]}; prompt i owns images i*n..(i+1)*n-1."""
     expanded = [p for p in prompts for _ in range(num_images)]
@@ -60,7 +66,7 @@ def load_or_sample(make_sampler: Callable[[], Sampler], folder: Path, prompts: S
         files = {c: [folder / f for f in manifest["files"][c]] for c in CONDITIONS}
         if {k: manifest[k] for k in wanted} == wanted and all(p.is_file() for paths in files.values() for p in paths):
             print(f"reusing the images in {folder}", file=sys.stderr)
-            return {c: np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]) for c, paths in files.items()}
+            return {c: np.stack([_read_image(p) for p in paths]) for c, paths in files.items()}
         print(f"--reuse: the images in {folder} were made for other prompts or settings; sampling anew", file=sys.stderr)
     sampler = make_sampler()
     images, files = {}, {}
@@ -68,15 +74,38 @@ def load_or_sample(make_sampler: Callable[[], Sampler], folder: Path, prompts: S
         print(f"sampling {len(expanded)} images ({folder.name}, {condition})", file=sys.stderr)
         # Default noise indices 0..n-1 for both conditions: image j of each shares its seed.
         images[condition] = sampler(expanded, seed=seed, with_prefix=with_prefix, progress=True)
-        shutil.rmtree(folder / condition, ignore_errors=True)  # no stale images from an earlier, larger run
-        paths = save_images(folder / condition, images[condition], expanded, condition)
-        files[condition] = [str(p.relative_to(folder)) for p in paths]
-    manifest_path.write_text(json.dumps({**wanted, "files": files}, indent=1))
+        if jax.process_index() == 0:  # no stale images from an earlier, larger run
+            _remove_tree(folder / condition)
+        _all_processes_here(f"{folder} cleared")
+        paths = save_images(folder / condition, images[condition], expanded, condition, sampler.owned(len(expanded)))
+        files[condition] = [f"{condition}/{p.name}" for p in paths]
+    _all_processes_here(f"{folder} written")  # the manifest only once every image is on storage
+    if jax.process_index() == 0:
+        manifest = json.dumps({**wanted, "files": files}, indent=1)
+        atomic_write(manifest_path, lambda tmp: tmp.write_text(manifest))
     return images
 
 
+def _read_image(path) -> np.ndarray:
+    with path.open("rb") as f:
+        return np.asarray(Image.open(f).convert("RGB"))
+
+
+def _remove_tree(folder) -> None:
+    if storage.is_remote(folder):
+        if folder.exists():
+            folder.rmtree()
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _all_processes_here(what: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"apl_jax evaluate: {what}")
+
+
 def save_grids(images: dict[str, np.ndarray], prompts: Sequence[str], num_images: int, placeholder: str,
-               out: Path, group: str) -> list[Path]:
+               out, group: str) -> list:
     """Pages of GRID_PROMPTS prompts: each a plain row above a prefixed row, same seeds per column."""
     resolution = images["plain"].shape[1]
     scale = max(1, GRID_TILE // resolution)
@@ -95,8 +124,8 @@ def save_grids(images: dict[str, np.ndarray], prompts: Sequence[str], num_images
                 rows.append(tiles(images[condition][i * num_images : i * num_images + columns]))
                 labels.append(f"[{placeholder}] {prompt}" if with_prefix else prompt)
         path = out / "grids" / f"{group}-{page:02d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(rows, labels, [f"#{k}" for k in range(columns)], scale=scale).save(path)
+        grid = image_grid(rows, labels, [f"#{k}" for k in range(columns)], scale=scale)
+        atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
         pages.append(path)
     return pages
 
@@ -137,7 +166,7 @@ def clip_means(scorer, images: dict[str, np.ndarray], prompts: Sequence[str], nu
 
 # ---------------------------------------------------------------- report
 
-def plot_id_scores(report: dict, path: Path) -> Path:
+def plot_id_scores(report: dict, path):
     identities = report["id_score"]["identities"]
     names = list(identities)
     x = np.arange(len(names))
@@ -151,7 +180,7 @@ def plot_id_scores(report: dict, path: Path) -> Path:
     ax.axhline(0, color="grey", lw=0.5)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))  # outside: never over a bar
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return path
 
@@ -213,14 +242,14 @@ def main(argv=None) -> int:
     parser.add_argument("--clip-model", type=Path, help="a transformers CLIP folder (e.g. openai/clip-vit-large-patch14)")
     parser.add_argument("--embedder", default="dlib", help="dlib (default) | arcface:PATH.onnx | fake (tests only)")
     parser.add_argument("--num-images", type=int, default=8, help="images per prompt and condition (default 8)")
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--out", required=True, help="report folder, local or gs://")
     parser.add_argument("--reuse", action="store_true", help="keep images already sampled with the same settings")
     args = parser.parse_args(argv)
     if args.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")
 
     # Every input and the output folder are checked before the long work starts.
-    preflight.folder(args.out, "--out")
+    out = preflight.folder(args.out, "--out")
     names = read_names(args.names)
     generic = read_lines(args.prompts, "prompts") if args.prompts else []
     if not args.references.is_dir():
@@ -233,6 +262,7 @@ def main(argv=None) -> int:
     with tqdm(names, desc="reference embeddings", unit="name") as bar:  # closed (a newline) before any error line
         references = {name: reference_embedding(embedder, photos[name], name) for name in bar}
 
+    parallel.initialize_distributed(ParallelConfig(**parallel_settings(args)))
     enable_compilation_cache()
     config = SamplerConfig(**sampler_settings(args))
     settings = {"model": str(args.model), "dtype": args.dtype, "prefix": str(args.prefix),
@@ -247,10 +277,12 @@ def main(argv=None) -> int:
 
     identity_prompts = [IDENTITY_PROMPT.format(name) for name in names]
     groups = {"identity": identity_prompts, **({"generic": generic} if generic else {})}
-    images = {group: load_or_sample(make_sampler, args.out / "images" / group, prompts, args.num_images, args.seed,
+    images = {group: load_or_sample(make_sampler, out / "images" / group, prompts, args.num_images, args.seed,
                                     settings, args.reuse)
               for group, prompts in groups.items()}
 
+    if jax.process_index() != 0:  # every process holds every image; process 0 scores them and writes the report
+        return 0
     scores = id_scores(embed_all(embedder, images["identity"]), references, names, args.num_images)
     clip = None
     if args.clip_model is not None:
@@ -261,8 +293,8 @@ def main(argv=None) -> int:
         clip = {"scale": SCALE, "generic": None,
                 **{group: clip_means(scorer, images[group], prompts, args.num_images) for group, prompts in groups.items()}}
 
-    grids = [str(path.relative_to(args.out)) for group, prompts in groups.items()
-             for path in save_grids(images[group], prompts, args.num_images, prefix.placeholder, args.out, group)]
+    grids = [f"grids/{path.name}" for group, prompts in groups.items()
+             for path in save_grids(images[group], prompts, args.num_images, prefix.placeholder, out, group)]
     report = {
         "settings": {**settings, "prefix_shape": list(prefix.vectors.shape), "names": str(args.names),
                      "references": str(args.references), "prompts": str(args.prompts) if args.prompts else None,
@@ -280,17 +312,16 @@ def main(argv=None) -> int:
         "clip_score": clip,
         "grids": grids,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=1))
-    plot_id_scores(report, args.out / "id_scores.png")
-    (args.out / "report.md").write_text(markdown(report))
+    atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
+    plot_id_scores(report, out / "id_scores.png")
+    atomic_write(out / "report.md", lambda tmp: tmp.write_text(markdown(report)))
     ids = report["id_score"]
     print(f"ID score mean {ids['plain']['mean']:.3f} -> {ids['prefix']['mean']:.3f} with the prefix "
           f"(max {ids['plain']['max']:.3f} -> {ids['prefix']['max']:.3f}; faces found "
           f"{ids['plain']['detection_rate']:.0%} -> {ids['prefix']['detection_rate']:.0%})")
     if clip is not None:
         print(f"CLIP score (identity prompts, x{SCALE}) {clip['identity']['plain']:.2f} -> {clip['identity']['prefix']:.2f}")
-    print(f"wrote {args.out / 'report.md'}")
+    print(f"wrote {out / 'report.md'}")
     return 0
 
 

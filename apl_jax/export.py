@@ -29,7 +29,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from apl_jax import preflight
+from apl_jax import preflight, storage
 from apl_jax.cli import run_main
 from apl_jax.errors import UserError
 from apl_jax.files import atomic_write, save_safetensors
@@ -189,16 +189,17 @@ def _load_checkpoint(path: Path) -> PrefixFile:
 
 
 def load_prefix(path: str | Path) -> PrefixFile:
-    """Any prefix we write, auto-detected: safetensors, A1111 or official .pt, or an orbax checkpoint/workdir."""
-    path = Path(path)
+    """Any prefix we write, auto-detected: safetensors, A1111 or official .pt, or an orbax checkpoint/workdir;
+    local or on gs:// (a file is mirrored locally, a checkpoint read where it is)."""
+    path = storage.path(path)
     if not path.exists():
         raise UserError(f"prefix source {path} does not exist")
     if path.is_dir():
         prefix = _load_checkpoint(path)
     elif path.suffix == ".safetensors":
-        prefix = _load_safetensors(path)
+        prefix = _load_safetensors(storage.local_copy(path))
     elif path.suffix in (".pt", ".bin"):
-        prefix = _load_pt(path)
+        prefix = _load_pt(storage.local_copy(path))
     else:
         raise UserError(f"{path}: unknown prefix format (expected .safetensors, .pt or a checkpoint folder)")
     _check_vectors(prefix.vectors, path)

@@ -2,6 +2,10 @@
 
 Each record is appended and flushed as its own line, so a crash or a full disk tears
 at most the last line; on resume an unreadable line is dropped with a warning.
+
+In a gs:// workdir nothing can be appended (GCS objects are immutable): metrics.jsonl is
+uploaded whole at every logged step, and tensorboardX uploads each event file whole
+at every flush (its own gs:// writer, through google-cloud-storage).
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from tensorboardX import SummaryWriter  # noqa: E402
+
+from apl_jax import storage  # noqa: E402
+from apl_jax.files import atomic_write  # noqa: E402
 
 TENSORBOARD_SCALARS = ("loss", "grad_norm", "steps_per_s", "learning_rate", "skipped_steps")
 
@@ -31,7 +38,7 @@ def smooth(values: list[float], weight: float) -> list[float]:
 class TensorBoardLog:
     """The scalars of each record as TensorBoard events in DIR (tensorboard --logdir DIR); no TensorFlow needed."""
 
-    def __init__(self, workdir: Path, first_step: int):
+    def __init__(self, workdir, first_step: int):
         # TensorBoard drops the events earlier files hold from purge_step on: the steps a resumed run redoes.
         # The suffix keeps a quick resume from reusing the name (the time in it has whole seconds).
         self.writer = SummaryWriter(str(workdir), purge_step=first_step, filename_suffix=f".from{first_step}")
@@ -59,11 +66,12 @@ def _record(line: str) -> dict | None:
 
 
 class MetricsLog:
-    def __init__(self, workdir: Path, resume_step: int):
-        self.path = Path(workdir) / "metrics.jsonl"
+    def __init__(self, workdir, resume_step: int):
+        self.path = storage.path(workdir) / "metrics.jsonl"
         self.records = []
         if self.path.exists():
-            lines = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]
+            text = self.path.read_bytes().decode(errors="replace")
+            lines = [line for line in text.splitlines() if line.strip()]
             records = [_record(line) for line in lines]
             torn = [number for number, record in enumerate(records, 1) if record is None]
             if torn:
@@ -71,21 +79,27 @@ class MetricsLog:
                             self.path, len(torn), ", ".join(map(str, torn)))
             # Lines past the checkpoint we resume from were never saved; they are redone.
             self.records = [r for r in records if r is not None and r["step"] <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-            tmp.replace(self.path)  # a crash now leaves the old file or the new one, never half of it
+            self._write_all()
         self.tensorboard = TensorBoardLog(self.path.parent, resume_step + 1)
+
+    def _write_all(self) -> None:
+        # A crash now leaves the old file or the new one, never half of it.
+        text = "".join(json.dumps(r) + "\n" for r in self.records)
+        atomic_write(self.path, lambda tmp: tmp.write_text(text))
 
     def log(self, record: dict) -> None:
         self.records.append(record)
-        with self.path.open("a") as f:  # closed (so flushed) after every line
-            f.write(json.dumps(record) + "\n")
+        if storage.is_remote(self.path):
+            self._write_all()
+        else:
+            with self.path.open("a") as f:  # closed (so flushed) after every line
+                f.write(json.dumps(record) + "\n")
         self.tensorboard.log(record)
 
     def close(self) -> None:
         self.tensorboard.close()
 
-    def plot(self, out: Path | None = None) -> Path:
+    def plot(self, out: Path | None = None) -> storage.AnyPath:
         out = out or self.path.with_name("loss.png")
         steps = [r["step"] for r in self.records]
         losses = [r["loss"] for r in self.records]
@@ -100,6 +114,6 @@ class MetricsLog:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out, dpi=100)
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)
         return out

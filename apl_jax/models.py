@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import safetensors
 
-from apl_jax import convert, single_file
+from apl_jax import convert, single_file, storage
 from apl_jax.errors import UserError
 from apl_jax.files import save_safetensors
 from apl_jax.manifest import MANIFEST, verify
@@ -253,7 +253,7 @@ def load_model(path: str | Path, dtype: str = "float32") -> FrozenSD:
         # Fresh containers around the (cached) arrays: a caller that empties its params dict, as the
         # trainer does while moving them to the devices, must not empty the cache's.
         return dataclasses.replace(model, params=jax.tree.map(lambda x: x, model.params))
-    folder = resolve_model(path)
+    folder = resolve_model(storage.local_copy(path) if storage.is_remote(path) else path)  # gs://: mirrored once
     if folder.is_file() and folder.suffix in single_file.SUFFIXES:
         return _load_single_file(folder, dtype)
     if folder.is_file():

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from apl_jax import storage
 from apl_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what PIL writes by the file name
@@ -32,8 +33,13 @@ def _writable_folder(folder: Path, what: str, path: Path) -> None:
         raise UserError(f"{what} {path} is not writable: cannot create files in {existing} ({err.strerror})") from None
 
 
-def folder(path: str | Path, what: str) -> Path:
-    """An output folder: absent (it will be made) or a folder, and writable."""
+def folder(path, what: str) -> storage.AnyPath:
+    """An output folder: absent (it will be made) or a folder, and writable (gs://: the bucket exists and
+    takes writes, with the credentials found)."""
+    if storage.is_remote(path):
+        path = storage.path(path)
+        storage.check_writable(path, what)
+        return path
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} {path} is a file, not a folder")
@@ -41,19 +47,22 @@ def folder(path: str | Path, what: str) -> Path:
     return path
 
 
-def file(path: str | Path, what: str, suffixes: tuple[str, ...] | None = None) -> Path:
-    """An output file: not a folder, with one of `suffixes` (if given), in a writable folder."""
-    path = Path(path).expanduser()
+def file(path, what: str, suffixes: tuple[str, ...] | None = None) -> storage.AnyPath:
+    """An output file: not a folder, with one of `suffixes` (if given), in a writable folder (local or gs://)."""
+    path = storage.path(path)
     if path.is_dir():
         raise UserError(f"{what} {path} is a folder; give a file name in it")
     if suffixes is not None and path.suffix.lower() not in suffixes:
         raise UserError(f"{what} {path} must end in {', '.join(suffixes[:-1])} or {suffixes[-1]}"
                         if len(suffixes) > 1 else f"{what} {path} must end in {suffixes[0]}")
-    _writable_folder(path.absolute().parent, what, path)
+    if storage.is_remote(path):
+        storage.check_writable(path.parent, what)
+    else:
+        _writable_folder(path.absolute().parent, what, path)
     return path
 
 
-def image_file(path: str | Path, what: str) -> Path:
+def image_file(path, what: str) -> storage.AnyPath:
     return file(path, what, IMAGE_SUFFIXES)
 
 

@@ -5,24 +5,30 @@ the VAE decode form one compiled program, jitted over a 1-D device mesh with the
 prompts split across devices. Only shapes recompile: prompts, seeds, guidance and
 prefix on/off are all traced arguments. Image i's noise comes from
 fold_in(PRNGKey(seed), i), so a seed gives the same images on any device count.
+
+Across processes (a TPU pod, jax.distributed) the mesh spans every process's
+devices: each process puts only its own shards of the inputs, its devices draw its
+slice of every batch, and the images are then gathered so every process holds them
+all; `owned` says which ones this process drew, so each writes only its own files.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from apl_jax import schedulers
+from apl_jax import schedulers, storage
 from apl_jax.errors import UserError
+from apl_jax.files import atomic_write
 from apl_jax.models import FrozenSD
 from apl_jax.prefix import check_prefix_width, expand_placeholder, single_token_id
 from apl_jax.tokenizer import tokenize
@@ -63,10 +69,10 @@ class Sampler:
         latent = self.resolution // model.vae_scale_factor
         self.latent_shape = (model.unet.config.in_channels, latent, latent)
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.params = jax.device_put(
+        self.params = jax.tree.map(
+            lambda x: _global(x, replicated),
             {"text_encoder": model.params["text_encoder"], "unet": model.params["unet"], "vae": model.params["vae"],
              "scheduler": scheduler_plan, "prefix": jnp.asarray(prefix, jnp.float32)},
-            replicated,
         )
         self._split = NamedSharding(self.mesh, PartitionSpec("batch"))
         self._program = jax.jit(self._generate, out_shardings=self._split)
@@ -110,9 +116,9 @@ class Sampler:
         prefix_extra = self.params["prefix"].shape[0] - 1 if placeholder_id != NO_PLACEHOLDER else 0
         return (
             self.params,
-            jax.device_put(tokenize(self.model.tokenizer, texts, prefix_extra), self._split),
-            jax.device_put(tokenize(self.model.tokenizer, [negative_prompt] * self.batch_size), self._split),
-            jax.device_put(keys, self._split),
+            _global(tokenize(self.model.tokenizer, texts, prefix_extra), self._split),
+            _global(tokenize(self.model.tokenizer, [negative_prompt] * self.batch_size), self._split),
+            _global(keys, self._split),
             jnp.int32(placeholder_id),
             jnp.float32(self.config.guidance_scale),
             jnp.float32(self.config.eta),
@@ -124,6 +130,16 @@ class Sampler:
         cost = self._program.lower(*arguments).compile().cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         return float((cost or {}).get("flops", 0.0))
+
+    def owned(self, count: int) -> np.ndarray:
+        """The positions, among `count` images of one call, that this process's devices draw.
+
+        Every image belongs to exactly one process, so a process that writes only these
+        writes its slice of the files, and all processes together write each file once."""
+        per_device = self.batch_size // self.mesh.size
+        mine = [k for k, device in enumerate(self.mesh.devices.flat) if device.process_index == jax.process_index()]
+        rows = np.arange(count)
+        return rows[np.isin(rows % self.batch_size // per_device, mine)]
 
     def compiled_programs(self) -> int:
         """How many programs have been compiled so far (shape changes only)."""
@@ -142,8 +158,23 @@ class Sampler:
         for start in tqdm(chunks, desc="sampling", unit="batch", disable=not progress or len(chunks) < 2):
             chunk = texts[start : start + self.batch_size]
             arguments = self._arguments(chunk, indices[start : start + len(chunk)], seed, placeholder_id, negative_prompt)
-            out.append(np.asarray(self._program(*arguments))[: len(chunk)])
+            out.append(_gather(self._program(*arguments))[: len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
+
+
+def _global(value, sharding: NamedSharding) -> jax.Array:
+    """A value that every process holds in full, as a global array: each process places its own shards only."""
+    if jax.process_count() == 1:
+        return jax.device_put(value, sharding)
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _gather(images: jax.Array) -> np.ndarray:
+    """A batch split over the devices of every process, whole on this host."""
+    if jax.process_count() == 1:
+        return np.asarray(images)
+    return np.asarray(multihost_utils.process_allgather(images, tiled=True))
 
 
 def image_grid(rows: Sequence[np.ndarray], row_labels: Sequence[str] = (), column_labels: Sequence[str] = (),
@@ -168,20 +199,24 @@ def image_grid(rows: Sequence[np.ndarray], row_labels: Sequence[str] = (), colum
     return grid
 
 
-def save_images(folder: Path, images: np.ndarray, prompts: Sequence[str], tag: str) -> list[Path]:
-    """One PNG per image: NNNN-<prompt slug>-<tag>.png."""
-    folder.mkdir(parents=True, exist_ok=True)
+def save_images(folder, images: np.ndarray, prompts: Sequence[str], tag: str,
+                positions: Sequence[int] | None = None) -> list:
+    """One PNG per image: NNNN-<prompt slug>-<tag>.png, in a local or gs:// folder.
+
+    Only `positions` are written (default: all); in a multi-process run each process
+    passes Sampler.owned, so each file is written once. Returns every image's path."""
+    folder = storage.path(folder)
     paths = []
-    for i, (image, prompt) in enumerate(zip(images, prompts)):
+    for i, prompt in enumerate(prompts):
         slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:60]
-        path = folder / f"{i:04d}-{slug}-{tag}.png"
-        Image.fromarray(image).save(path)
-        paths.append(path)
+        paths.append(folder / f"{i:04d}-{slug}-{tag}.png")
+    for i in range(len(paths)) if positions is None else positions:
+        atomic_write(paths[i], lambda tmp: Image.fromarray(images[i]).save(tmp, format="PNG"))
     return paths
 
 
 def prompt_grid(sampler: Sampler, prompts: Sequence[str], num_images: int, seed: int, variants: Sequence[bool],
-                negative_prompt: str = "", save_dir: Path | None = None, scale: int | None = None):
+                negative_prompt: str = "", save_dir=None, scale: int | None = None):
     """Each prompt x each variant (with_prefix False/True) as a row of num_images, on the same seeds.
 
     Returns (grid image, row labels); a prompt's rows are adjacent, plain above prefixed.
@@ -191,7 +226,7 @@ def prompt_grid(sampler: Sampler, prompts: Sequence[str], num_images: int, seed:
     for with_prefix in variants:
         images = sampler(expanded, seed=seed, with_prefix=with_prefix, negative_prompt=negative_prompt, progress=True)
         if save_dir is not None:
-            save_images(save_dir, images, expanded, "prefix" if with_prefix else "plain")
+            save_images(save_dir, images, expanded, "prefix" if with_prefix else "plain", sampler.owned(len(expanded)))
         for i, prompt in enumerate(prompts):
             label = f"[{sampler.placeholder}] {prompt}" if with_prefix else prompt
             rows[(i, with_prefix)] = (label, images[i * num_images : (i + 1) * num_images])

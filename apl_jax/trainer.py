@@ -8,7 +8,6 @@ import functools
 import logging
 import signal
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -16,7 +15,7 @@ import optax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from apl_jax import nonfinite, objective, parallel, preflight
+from apl_jax import nonfinite, objective, parallel, preflight, storage
 from apl_jax.checkpoint import Checkpointer
 from apl_jax.config import Config, TrainConfig
 from apl_jax.data.prompts import Templates
@@ -38,7 +37,7 @@ log = logging.getLogger(__name__)
 class TrainResult:
     step: int  # the step training stopped at
     interrupted: bool  # stopped by SIGTERM/SIGINT (checkpoint saved, no prefix export)
-    prefix_file: Path | None  # DIR/prefix.safetensors, on process 0 of a finished run
+    prefix_file: storage.AnyPath | None  # DIR/prefix.safetensors of a finished run (process 0 wrote it)
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -120,14 +119,19 @@ def initial_state(config: Config, model: FrozenSD, optimizer) -> dict:
     return jax.device_get(state)
 
 
-def _claim_workdir(workdir: Path, stack: contextlib.ExitStack) -> None:
-    """Process 0 checks the workdir and locks it, before any model loads; the others learn of a failure."""
+def _claim_workdir(workdir: storage.AnyPath, stack: contextlib.ExitStack) -> None:
+    """Process 0 checks the workdir and locks it, before any model loads; the others learn of a failure.
+
+    A gs:// workdir has no lock: GCS has no exclusive create through epath, and a lock
+    left by a preempted host (a VM that comes back as a new machine) could never be
+    checked, so it would block the resume that preemption needs."""
     failure = None
     if jax.process_index() == 0:
         try:
             preflight.folder(workdir, "workdir")
             workdir.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(WorkdirLock(workdir))
+            if not storage.is_remote(workdir):
+                stack.enter_context(WorkdirLock(workdir))
         except UserError as err:
             failure = str(err)
     if jax.process_count() > 1:  # the other hosts would otherwise wait for process 0 forever
@@ -136,10 +140,10 @@ def _claim_workdir(workdir: Path, stack: contextlib.ExitStack) -> None:
         raise UserError(failure)
 
 
-def train(config: Config, workdir: str | Path) -> TrainResult:
+def train(config: Config, workdir) -> TrainResult:
+    """Train into `workdir` (local, or gs:// on a pod); every process must see the same workdir."""
     parallel.initialize_distributed(config.parallel)
-    workdir = Path(workdir)
-    is_main = jax.process_index() == 0
+    workdir = storage.path(workdir)
     parallel.per_device_batch(config.train.batch_size)  # refuse a bad batch size before loading anything
 
     with contextlib.ExitStack() as stack:
@@ -152,18 +156,13 @@ def train(config: Config, workdir: str | Path) -> TrainResult:
         optimizer = make_optimizer(config.train)
         state = initial_state(config, model, optimizer)
 
-        checkpointer, data_state = None, None
-        if is_main:
-            checkpointer = stack.enter_context(
-                Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints, config.to_dict())
-            )
-            restored = checkpointer.restore(state)
-            if restored is not None:
-                state, data_state = restored
-        if jax.process_count() > 1:
-            state = multihost_utils.broadcast_one_to_all(state)
-            data_state = parallel.broadcast_json(data_state)
-        if data_state is not None:
+        # Every process saves and restores (orbax coordinates them), so all read the same state.
+        checkpointer = stack.enter_context(
+            Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints, config.to_dict())
+        )
+        restored = checkpointer.restore(state)
+        if restored is not None:
+            state, data_state = restored
             host_input.set_state(data_state)
         # Modules only from here on; the arrays reach the step as arguments. The host copy of the frozen
         # weights is freed array by array as it reaches the devices (two copies of SD would double the memory).
@@ -174,7 +173,7 @@ def train(config: Config, workdir: str | Path) -> TrainResult:
 
 def _train_from(config, workdir, model, frozen, placeholder_id, host_input, optimizer, state,
                 checkpointer) -> TrainResult:
-    is_main = checkpointer is not None
+    is_main = jax.process_index() == 0  # the one writer of metrics and the prefix file
     start_step = int(state["step"])
     if start_step:
         log.info("resumed from step %d", start_step)
@@ -208,12 +207,16 @@ def _train_from(config, workdir, model, frozen, placeholder_id, host_input, opti
         if metrics_log.records:
             metrics_log.plot()
         metrics_log.close()
+    if not interrupted and jax.process_count() > 1:
+        # Every process may go on to sample with the prefix (the evaluation), once process 0 has written it.
+        multihost_utils.sync_global_devices("apl_jax prefix written")
+        result.prefix_file = workdir / "prefix.safetensors"
     return result
 
 
 def _loop(config, step_fn, device_state, frozen, batch, host_input, checkpointer, metrics_log):
     """Run steps until train.steps or a stop signal; returns (device state, interrupted)."""
-    is_main = checkpointer is not None
+    is_main = jax.process_index() == 0
     step = int(parallel.unreplicate(device_state["step"]))
     stop = StopSignal()
     interrupted = False
@@ -248,12 +251,10 @@ def _loop(config, step_fn, device_state, frozen, batch, host_input, checkpointer
                 log.warning("step %d: a NaN/Inf loss or gradient; such steps are skipped (train.nan_policy=skip) and "
                             "counted as skipped_steps in metrics.jsonl", step)
                 warned = True  # once per run; metrics.jsonl has the count
-            if is_main and save_now:
+            if save_now:
                 saved = checkpointer.save(parallel.unreplicate(device_state), data_state)
         if interrupted:
-            # Process 0 alone writes checkpoints, so only it can say one was saved.
-            tqdm.write(f"stopped by signal at step {step}; checkpoint saved in {saved}. Rerun the same command to resume."
-                       if is_main else f"stopped by signal at step {step}.")
+            tqdm.write(f"stopped by signal at step {step}; checkpoint saved in {saved}. Rerun the same command to resume.")
     finally:
         bar.close()
         stop.restore()

@@ -48,10 +48,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_env(devices: int = 1) -> dict[str, str]:
+def train_env(devices: int = 1, extra_env: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = str(REPO)
-    return env
+    return {**env, **(extra_env or {})}
 
 
 def _train_args(workdir: Path, overrides) -> list[str]:
@@ -61,11 +61,45 @@ def _train_args(workdir: Path, overrides) -> list[str]:
     return args
 
 
-def run_train(workdir: Path, *overrides: str, devices: int = 1, timeout: int = 600, cwd: Path = REPO
-              ) -> subprocess.CompletedProcess:
+def run_train(workdir: Path | str, *overrides: str, devices: int = 1, timeout: int = 600, cwd: Path = REPO,
+              extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """python train.py --config configs/tiny.yaml --workdir WORKDIR --set ... in a fresh process."""
-    return subprocess.run(_train_args(workdir, overrides), env=train_env(devices), cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(_train_args(workdir, overrides), env=train_env(devices, extra_env), cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_processes(args_of, count: int = 2, devices: int = 4, timeout: int = 600,
+                  extra_env: dict[str, str] | None = None) -> list[str]:
+    """Run one multi-process JAX program: args_of(process_id, coordinator_address) -> argv, `count` processes of
+    `devices` CPU devices each. Returns each process's merged output; every process must exit 0."""
+    address = f"127.0.0.1:{free_port()}"
+    # Files, not pipes: a process whose pipe is not being read would block on a full one while
+    # the others wait for it at a barrier.
+    logs = [tempfile.TemporaryFile("w+") for _ in range(count)]
+    procs = [subprocess.Popen(args_of(process_id, address), env=train_env(devices, extra_env), cwd=REPO, stdout=log,
+                              stderr=subprocess.STDOUT, text=True) for process_id, log in enumerate(logs)]
+    for proc in procs:
+        proc.wait(timeout=timeout)
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    # All outputs: the first process to fail often only reports that another one died.
+    assert [proc.returncode for proc in procs] == [0] * count, "\n".join(
+        f"--- process {k} (exit {proc.returncode}):\n{out[-6000:]}" for k, (proc, out) in enumerate(zip(procs, outputs)))
+    return outputs
+
+
+def train_processes(workdir: Path, *overrides: str, process_ids=(0, 1)) -> list[str]:
+    """train.py on tiny.yaml in len(process_ids) processes x 4 CPU devices, all on one shared workdir;
+    process k of the launch gets parallel.process_id=process_ids[k]."""
+    def args_of(k, address):
+        return _train_args(workdir, [*overrides, f"parallel.coordinator_address={address}",
+                                     f"parallel.num_processes={len(process_ids)}",
+                                     f"parallel.process_id={process_ids[k]}"])
+
+    return run_processes(args_of, count=len(process_ids))
 
 
 def start_train(workdir: Path, *overrides: str) -> subprocess.Popen:
@@ -97,6 +131,34 @@ def tiny_config(*overrides):
     from apl_jax.config import load_config
 
     return load_config(REPO / "configs/tiny.yaml", ["train.batch_size=2", "train.checkpoint_every=2", *overrides])
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A local Google Cloud Storage server with the bucket `bucket`; yields the environment that points
+    gcsfs/google-cloud-storage (STORAGE_EMULATOR_HOST) and orbax's tensorstore (TENSORSTORE_GCS_HTTP_URL,
+    with a fixed test token instead of credentials) at it."""
+    pytest.importorskip("gcp_storage_emulator", reason="needs gcp-storage-emulator (requirements-test.txt)")
+    pytest.importorskip("gcsfs", reason="needs gcsfs (requirements.txt)")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+                               "--port", str(port), "--in-memory", "--default-bucket", "bucket"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            break
+        time.sleep(0.2)
+    url = f"http://127.0.0.1:{port}"
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
+           "GOOGLE_CLOUD_PROJECT": "test",
+           # gcsfs's hierarchical-namespace probe is a gRPC call the emulator does not serve
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    try:
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

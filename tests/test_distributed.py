@@ -1,15 +1,12 @@
 """Device count and multi-host invariance, with real processes (XLA_FLAGS must be set before jax starts)."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import safetensors.numpy
 
-from conftest import REPO, free_port, run_train, train_env
+from conftest import run_train, train_processes
 
-STEPS = ("train.steps=3", "train.batch_size=8", "train.checkpoint_every=3")
+STEPS = ("train.batch_size=8", "train.checkpoint_every=3")
 
 
 def prefix_of(workdir):
@@ -20,22 +17,13 @@ def prefix_of(workdir):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     for devices in (1, 8):
-        done = run_train(root / f"devices{devices}", *STEPS, devices=devices)
+        done = run_train(root / f"devices{devices}", *STEPS, "train.steps=3", devices=devices)
         assert done.returncode == 0, done.stderr[-3000:]
-
-    port = free_port()
-    hosts = []
-    for process_id in range(2):
-        args = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/tiny.yaml"),
-                "--workdir", str(root / f"host{process_id}")]
-        for override in (*STEPS, f"parallel.coordinator_address=127.0.0.1:{port}", "parallel.num_processes=2",
-                         f"parallel.process_id={process_id}"):
-            args += ["--set", override]
-        hosts.append(subprocess.Popen(args, env=train_env(devices=4), cwd=REPO, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    for proc in hosts:
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out[-3000:]
+    # Two processes x 4 devices on one shared workdir: straight, and stopped at step 2 then
+    # restarted with the process ids swapped (host 0 is now the other machine).
+    train_processes(root / "hosts", *STEPS, "train.steps=3")
+    train_processes(root / "swapped", *STEPS, "train.steps=2")
+    train_processes(root / "swapped", *STEPS, "train.steps=3", process_ids=(1, 0))
     return root
 
 
@@ -54,13 +42,17 @@ def initial_prefix():
 
 
 def test_two_hosts_match_one_host(runs):
-    np.testing.assert_allclose(prefix_of(runs / "host0"), prefix_of(runs / "devices8"), atol=1e-5)
+    np.testing.assert_allclose(prefix_of(runs / "hosts"), prefix_of(runs / "devices8"), atol=1e-5)
 
 
-def test_only_process_zero_writes(runs):
-    assert (runs / "host0/checkpoints/3").is_dir()
-    assert (runs / "host0/metrics.jsonl").is_file()
-    assert not (runs / "host1").exists()
+def test_every_process_checkpoints_into_the_shared_workdir(runs):
+    assert sorted(p.name for p in (runs / "hosts/checkpoints").iterdir()) == ["3"]
+    assert (runs / "hosts/metrics.jsonl").read_text().count("\n") == 3  # process 0 alone logs
+
+
+def test_resume_with_swapped_process_ids_is_bitwise_equal(runs):
+    assert sorted(p.name for p in (runs / "swapped/checkpoints").iterdir()) == ["2", "3"]
+    np.testing.assert_array_equal(prefix_of(runs / "swapped"), prefix_of(runs / "hosts"))
 
 
 def test_global_batch_must_divide(tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from apl_jax import preflight
+from apl_jax import preflight, storage
 from apl_jax.cli import enable_compilation_cache, run_main
 from apl_jax.config import PROJECT_DIR, load_config
 
@@ -21,8 +21,8 @@ def _main(argv) -> int:
     parser = argparse.ArgumentParser(prog="train.py", description="Train an APL anonymization prefix.")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG),
                         help="YAML config (default configs/mini.yaml: APL-mini, then its evaluation)")
-    parser.add_argument("--workdir", default=None, help="output folder; rerunning with the same one resumes "
-                        "(default runs/<config name>)")
+    parser.add_argument("--workdir", default=None, help="output folder, local or gs://BUCKET/PATH; rerunning with "
+                        "the same one resumes (default runs/<config name>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.steps=100 (repeatable)")
     args = parser.parse_args(argv)
@@ -30,7 +30,7 @@ def _main(argv) -> int:
     from apl_jax.trainer import train
 
     config = load_config(args.config, args.overrides)
-    workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
+    workdir = storage.path(args.workdir or Path("runs") / Path(args.config).stem)
     preflight.folder(workdir, "workdir")  # before APL-mini's data is made, not only before training
     on_mini = config.model.path in APL_MINI_MODELS
     if on_mini:

@@ -18,7 +18,7 @@ import grain
 import jax
 import numpy as np
 
-from apl_jax import parallel
+from apl_jax import parallel, storage
 from apl_jax.config import NEUTRAL_MODES, DataConfig
 from apl_jax.data import builders
 from apl_jax.data.prompts import Templates, generic_pair, identity_pair
@@ -147,15 +147,20 @@ def check_data_config(data: DataConfig) -> None:
 def load_datasets(data: DataConfig) -> tuple[Sequence[dict] | None, Sequence[dict] | None]:
     """(identity faces, caption pairs) data sources, built on first use; None where identity_prob rules one out."""
     check_data_config(data)
+    # array_record files are read and written with local file I/O: a gs:// cache_dir stands for a folder
+    # on each host's disk (each host builds it once; the build is deterministic).
+    cache_dir = storage.mirror_folder(data.cache_dir) if storage.is_remote(data.cache_dir) else data.cache_dir
 
     def build():
         identity = captions = None
         if data.identity_prob > 0:
-            items = builders.scan_identity_folder(data.identity_dir, need_attributes=data.neutral_mode == "attributes")
-            identity = builders.load(builders.IdentityFaces, data.identity_dir, items, data.resolution, data.cache_dir)
+            folder = storage.local_copy(data.identity_dir)  # gs://: mirrored to this host once
+            items = builders.scan_identity_folder(folder, need_attributes=data.neutral_mode == "attributes")
+            identity = builders.load(builders.IdentityFaces, folder, items, data.resolution, cache_dir)
         if data.identity_prob < 1:
-            items = builders.scan_caption_folder(data.caption_dir)
-            captions = builders.load(builders.CaptionPairs, data.caption_dir, items, data.resolution, data.cache_dir)
+            folder = storage.local_copy(data.caption_dir)
+            items = builders.scan_caption_folder(folder)
+            captions = builders.load(builders.CaptionPairs, folder, items, data.resolution, cache_dir)
         return identity, captions
 
     return _process_zero_first(build)

@@ -7,8 +7,8 @@ import dataclasses
 from pathlib import Path
 
 from apl_jax import preflight
-from apl_jax.cli import add_sampler_args, enable_compilation_cache, run_main, sampler_settings
-from apl_jax.config import NEUTRAL_MODES
+from apl_jax.cli import add_sampler_args, enable_compilation_cache, parallel_settings, run_main, sampler_settings
+from apl_jax.config import NEUTRAL_MODES, ParallelConfig
 from apl_jax.errors import UserError
 
 
@@ -32,8 +32,11 @@ def _build(args) -> int:
 
 
 def _eval(args) -> int:
+    import jax
+
     from apl_jax.mini.evaluate import run
     from apl_jax.mini.report import print_report
+    from apl_jax.parallel import initialize_distributed
     from apl_jax.sampling import SamplerConfig
 
     if args.num_images < 1:
@@ -41,8 +44,11 @@ def _eval(args) -> int:
     if args.batch_size is None:
         args.batch_size = 64  # one device: whole batches, not one image per call
     out = preflight.folder(args.out or Path("runs") / "mini-eval" / f"{args.model}-{Path(args.prefix).stem}", "--out")
-    print_report(run(args.model, args.prefix, out, args.num_images, args.seed, SamplerConfig(**sampler_settings(args)),
-                     args.neutral_mode), out)
+    initialize_distributed(ParallelConfig(**parallel_settings(args)))
+    report = run(args.model, args.prefix, out, args.num_images, args.seed, SamplerConfig(**sampler_settings(args)),
+                 args.neutral_mode)
+    if jax.process_index() == 0:
+        print_report(report, out)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from apl_jax.data.prompts import Templates
@@ -100,7 +101,8 @@ def run(model: str, prefix_path: str, out: Path, num_images: int, seed: int, sam
     report["settings"] = {"model": model, "prefix": str(prefix_path),
                           "sampler": f"{sampler_config.scheduler} {sampler_config.steps} steps, "
                                      f"CFG {sampler_config.guidance_scale}"}
-    write_report(report, samples, out, f"APL-mini: {model}, prefix {Path(prefix_path).name}")
+    if jax.process_index() == 0:  # every process sampled its slice and holds every image; one writes
+        write_report(report, samples, out, f"APL-mini: {model}, prefix {Path(prefix_path).name}")
     return report
 
 
@@ -108,4 +110,5 @@ def evaluate_after_training(config, prefix_file: Path, out: Path) -> None:
     """What train.py runs on a finished APL-mini prefix: the evaluation, printed and written to out."""
     report = run(config.model.path, str(prefix_file), out, config.eval.num_images, config.train.seed,
                  SamplerConfig(batch_size=64), config.data.neutral_mode)
-    print_report(report, out)
+    if jax.process_index() == 0:
+        print_report(report, out)
