@@ -16,11 +16,10 @@ from typing import Any
 import flax.serialization
 import jax
 import jax.numpy as jnp
-import safetensors
 
 from apl_jax import convert, single_file, storage
 from apl_jax.errors import UserError
-from apl_jax.files import save_safetensors
+from apl_jax.files import read_safetensors, save_safetensors
 from apl_jax.manifest import MANIFEST, verify
 from apl_jax.nn.clip import CLIPTextConfig, CLIPTextModel
 from apl_jax.nn.configs import to_json
@@ -200,12 +199,10 @@ def _read_weights(folder: Path, component: str, expected) -> dict[str, Any]:
             raise UserError(f"{sub / flax_name} is not a readable Flax msgpack file: {err}") from None
     elif (sub / pt_name).is_file():
         try:
-            with safetensors.safe_open(sub / pt_name, framework="numpy") as state:
-                # One tensor at a time, each a device array once in the Flax layout: the load never holds
-                # a second copy of the weights (an SD 1.5 UNet is 3.4 GB in float32).
-                params = convert.pt_to_flax(((name, state.get_tensor(name)) for name in state.keys()), expected,
-                                            leaf=jnp.asarray)
-        except (OSError, safetensors.SafetensorError) as err:
+            # One tensor at a time, each a device array once in the Flax layout: the load never holds
+            # a second copy of the weights (an SD 1.5 UNet is 3.4 GB in float32).
+            params = convert.pt_to_flax(read_safetensors(sub / pt_name), expected, leaf=jnp.asarray)
+        except (OSError, ValueError) as err:
             raise UserError(f"{sub / pt_name} is not a readable safetensors file: {err}") from None
     else:
         raise UserError(f"{sub} has no weights: expected {flax_name} (Flax) or {pt_name} (PyTorch safetensors)")

@@ -90,6 +90,7 @@ def jax_worker(args) -> dict:
                        donate_argnums=(0,)).lower(state, frozen, batches[0])
     step = lowered.compile()
     compile_s = time.perf_counter() - start
+    parallel.release_freed_memory()  # as parallel.compile_step does
     progress("jax", f"step compiled in {compile_s:.1f} s")
     times = []
     for i, batch in enumerate(batches):

@@ -32,3 +32,23 @@ def test_pt_prefixes_follow_umask(tmp_path, mask):
         save_prefix(tmp_path / "out/a1111.pt", PrefixFile(vectors, "alz", "test"), "a1111")
         save_prefix(tmp_path / "out/apl.pt", PrefixFile(vectors, "alz", "test"), "apl")
     assert_umask_modes(tmp_path / "out", mask)
+
+
+def test_read_safetensors_matches_the_library_and_refuses_truncated_files(tmp_path):
+    import ml_dtypes
+    import safetensors.numpy
+
+    from apl_jax.files import read_safetensors
+
+    tensors = {"b.kernel": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "a.bias": np.ones(5, np.float16),
+               "c.scale": np.linspace(0, 1, 6).astype(ml_dtypes.bfloat16), "d.ids": np.array([7, -1], np.int64)}
+    path = tmp_path / "t.safetensors"
+    safetensors.numpy.save_file(tensors, path, metadata={"format": "pt"})
+    got = dict(read_safetensors(path))
+    assert sorted(got) == sorted(tensors)
+    for name, want in tensors.items():
+        assert got[name].dtype == want.dtype and got[name].shape == want.shape
+        np.testing.assert_array_equal(got[name], want)
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="the file ends inside"):
+        list(read_safetensors(path))
