@@ -89,7 +89,7 @@ def test_pndm_sampler_runs_every_call_of_the_plan(tiny):
         e_uncond, e_cond = jnp.split(tiny.predict_noise(p["unet"], jnp.concatenate([latents, latents]),
                                                         jnp.array([t, t]), context), 2)
         latents, history = schedulers.step("pndm", plan, history, i, e_uncond + 3.0 * (e_cond - e_uncond), latents)
-    decoded = tiny.vae.apply({"params": p["vae"]}, latents / tiny.latent_scaling, method=tiny.vae.decode).sample
+    decoded = tiny.decode(p["vae"], latents / tiny.latent_scaling)
     expected = np.round(np.clip(np.transpose(np.asarray(decoded), (0, 2, 3, 1)) / 2 + 0.5, 0, 1) * 255)
     assert np.abs(images.astype(int) - expected).max() <= 1  # float rounding may move a pixel by one level
 
