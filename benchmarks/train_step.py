@@ -1,7 +1,8 @@
 """Our pmapped APL step against a PyTorch reference step, side by side, in one invocation.
 
 Both sides load the same weights (our model exported as PyTorch safetensors), train at
-the same resolution on the same examples, one example per step as the official code.
+the same resolution on the same examples, one example per step as the official code
+(--batch N: N examples per step on both sides, to see how busy a larger step keeps a GPU).
 Each side runs in its own subprocess, one after the other, so its peak memory is its
 own. Reports samples/s (median over timed steps after warm-up), compile time apart,
 peak memory, and on GPUs the MFU of our step from XLA's FLOP count.
@@ -38,14 +39,14 @@ def progress(side: str, message: str) -> None:
     print(f"[{side} {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def examples(resolution: int, count: int):
+def examples(resolution: int, count: int, batch: int = 1):
     from apl_jax.data.prompts import Templates
     from apl_jax.data.synthetic import SyntheticExamples
     from apl_jax.tokenizer import load_tokenizer
 
     source = SyntheticExamples(load_tokenizer(), "alz", Templates.load(REPO / "configs/data/templates.yaml"),
                                resolution=resolution, identity_prob=0.5, num_names=4, num_captions=4, seed=0)
-    return [source.batch(i, 1) for i in range(count)]
+    return [source.batch(i, batch) for i in range(count)]
 
 
 def jax_worker(args) -> dict:
@@ -72,7 +73,7 @@ def jax_worker(args) -> dict:
     state = {"params": prefix, "opt_state": optimizer.init(prefix), "step": 0, "rng": jax.random.PRNGKey(0),
              **nonfinite.initial_fields()}  # the NaN guard's counters, as in the trainer's state
     fused = {"auto": objective.fastest_pass_layout(), "fused": True, "split": False}[args.passes]
-    batches = examples(args.resolution, args.warmup + args.steps)
+    batches = examples(args.resolution, args.warmup + args.steps, args.batch)
     if args.cached_latents:  # what caching the VAE encodings of repeated images would save
         encode = jax.jit(functools.partial(objective.encode_posterior, model))
         for batch in batches:
@@ -108,7 +109,10 @@ def jax_worker(args) -> dict:
     # Bytes accessed from the compiled one (after fusion).
     cost, compiled_cost = ((c[0] if isinstance(c, list) else c) or {}
                            for c in (lowered.cost_analysis(), step.cost_analysis()))
+    # cuDNN's fused attention shows in the compiled program as custom calls (forward and backward)
+    fused_attention = step.as_text().count('custom_call_target="__cudnn$fmha')
     return {"side": "jax", "step_s": statistics.median(times), "compile_s": compile_s, "fused": fused,
+            "fused_attention_calls": fused_attention,
             "peak_bytes": stats.get("peak_bytes_in_use") or _peak_rss(), "flops": float(cost.get("flops", 0)),
             "compiled_flops": float(compiled_cost.get("flops", 0)),
             "bytes_accessed": float(compiled_cost.get("bytes accessed", 0)), "device": device.device_kind}
@@ -125,7 +129,7 @@ def torch_worker(args) -> dict:
     step = ReferenceStep(Path(args.weights), K, PLACEHOLDER, LR, ETA, device, dtype)
     progress("torch", f"model loaded in {time.perf_counter() - start:.1f} s on {device}")
     times = []
-    for i, batch in enumerate(examples(args.resolution, args.warmup + args.steps)):
+    for i, batch in enumerate(examples(args.resolution, args.warmup + args.steps, args.batch)):
         pixels = torch.from_numpy(batch["pixels"]).permute(0, 3, 1, 2).to(device, dtype) / 127.5 - 1
         private = torch.from_numpy(batch["private_ids"]).long().to(device)
         neutral = torch.from_numpy(batch["neutral_ids"]).long().to(device)
@@ -201,6 +205,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1, help="examples per step, both sides (the official code: 1)")
     parser.add_argument("--passes", default="auto", choices=("auto", "fused", "split"),
                         help="our step: one doubled UNet call (fused), two calls (split), or the trainer's default for "
                              "this backend (auto: train.fused_unet_passes unset)")
@@ -228,7 +233,8 @@ def main() -> None:
     for side in ("prepare", "jax") if args.skip_reference else ("prepare", "jax", "torch"):
         command = [sys.executable, __file__, "--worker", side, "--weights", str(weights), "--config", args.config,
                    "--resolution", str(CONFIGS[args.config][1]), "--dtype", args.dtype,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--passes", args.passes] + ["--cached-latents"] * args.cached_latents + ["--remat"] * args.remat
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+                   "--passes", args.passes] + ["--cached-latents"] * args.cached_latents + ["--remat"] * args.remat
         # The worker's stderr (progress lines, warnings, a traceback) passes through as it comes.
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=REPO)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -247,11 +253,11 @@ def report(args, results: dict) -> None:
     passes = ("one doubled UNet call" if fused else "two UNet calls") + (", the default here" if args.passes == "auto" else "")
     cached = ", our VAE encodings cached" if args.cached_latents else ""
     cached += ", our UNet blocks rematerialised" if args.remat else ""
-    print(f"config={args.config} dtype={args.dtype} batch=1 per step ({passes}{cached}), median of {args.steps} steps "
+    print(f"config={args.config} dtype={args.dtype} batch={args.batch} per step ({passes}{cached}), median of {args.steps} steps "
           f"after {args.warmup} warm-up")
     print(f"{'side':8} {'device':24} {'samples/s':>10} {'step s':>9} {'compile s':>10} {'peak MiB':>9}")
     for side, r in results.items():
-        print(f"{side:8} {r['device'][:24]:24} {1 / r['step_s']:10.3f} {r['step_s']:9.3f} {r['compile_s']:10.1f} "
+        print(f"{side:8} {r['device'][:24]:24} {args.batch / r['step_s']:10.3f} {r['step_s']:9.3f} {r['compile_s']:10.1f} "
               f"{r['peak_bytes'] / 2**20:9.0f}")
     if len(results) == 2:
         print(f"ratio ours/PyTorch: {results['torch']['step_s'] / results['jax']['step_s']:.2f}x")
@@ -264,7 +270,8 @@ def report(args, results: dict) -> None:
         intensity = f", {traffic / 1e9:.1f} GB accessed ({ours['flops'] / traffic:.0f} FLOP/byte)" if traffic else ""
         print(f"our step: {ours['flops'] / 1e9:.1f} GFLOP (XLA cost analysis) of the lowered program "
               f"({ours['compiled_flops'] / 1e9:.1f} counted in the compiled one){intensity}, "
-              f"{achieved / 1e12:.3f} TFLOP/s{mfu}")
+              f"{achieved / 1e12:.3f} TFLOP/s{mfu}; cuDNN fused-attention calls in the compiled step: "
+              f"{ours['fused_attention_calls']}")
 
 
 if __name__ == "__main__":

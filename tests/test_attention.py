@@ -1,0 +1,36 @@
+"""Attention (apl_jax/nn/attention.py): which kernel is named, and that the result is softmax attention."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from apl_jax.nn.attention import cudnn_flash_applies, multi_head_attention
+
+
+
+@pytest.mark.parametrize("platform, capability, dtype, head_dim, expected", [
+    ("gpu", "9.0", "bfloat16", 40, True),    # SD 1.x's first UNet level on an H100/H200
+    ("gpu", "9.0", "bfloat16", 160, True),   # its deepest level: over 128 needs Hopper
+    ("gpu", "8.0", "bfloat16", 160, False),  # ... so an A100 runs that level on XLA
+    ("gpu", "8.0", "float16", 80, True),
+    ("gpu", "9.0", "bfloat16", 512, False),  # the VAE's single head
+    ("gpu", "9.0", "bfloat16", 36, False),   # not a multiple of 8
+    ("gpu", "9.0", "float32", 40, False),    # the text encoder, and float32 configs
+    ("cpu", None, "bfloat16", 40, False),
+    ("gpu", "gfx90a", "bfloat16", 40, False),  # ROCm: no cuDNN
+])
+def test_cudnn_flash_attention_is_named_only_where_its_kernel_applies(platform, capability, dtype, head_dim, expected):
+    device = types.SimpleNamespace(platform=platform, compute_capability=capability)
+    assert cudnn_flash_applies(jnp.dtype(dtype), head_dim, device) is expected
+
+
+def test_attention_on_this_backend_equals_softmax_by_hand():
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 5, 16)) for i in range(3))
+    out = multi_head_attention(q, k, v, heads=2, causal=True)
+    split = lambda x: x.reshape(2, 5, 2, 8).transpose(0, 2, 1, 3)  # noqa: E731
+    scores = split(q) @ split(k).transpose(0, 1, 3, 2) / np.sqrt(8) + np.triu(np.full((5, 5), -np.inf), 1)
+    expected = (jax.nn.softmax(scores, axis=-1) @ split(v)).transpose(0, 2, 1, 3).reshape(2, 5, 16)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
