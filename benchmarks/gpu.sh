@@ -64,7 +64,7 @@ def loss(q, impl):
     return jnp.sum(out.astype(jnp.float32) ** 2), out
 (_, ours), g_ours = jax.value_and_grad(loss, has_aux=True)(q, "ours")
 (_, xla), g_xla = jax.value_and_grad(loss, has_aux=True)(q, "xla")
-print("attention 2x4096x(8x40) bf16: cuDNN applies:", cudnn_flash_applies(jnp.bfloat16, 40),
+print("attention 2x4096x(8x40) bf16: cuDNN applies:", cudnn_flash_applies(jnp.bfloat16, 40, 4096, 4096),
       "| max |ours - XLA| forward", float(jnp.max(jnp.abs(ours.astype(jnp.float32) - xla.astype(jnp.float32)))),
       "| grad wrt q", float(jnp.max(jnp.abs(g_ours.astype(jnp.float32) - g_xla.astype(jnp.float32)))),
       "of max |grad|", float(jnp.max(jnp.abs(g_xla.astype(jnp.float32)))))

@@ -24,9 +24,9 @@ import jax.numpy as jnp  # noqa: E402
 from apl_jax.models import load_model  # noqa: E402
 from apl_jax.sampling import Sampler, SamplerConfig  # noqa: E402
 from apl_jax.tokenizer import MAX_LENGTH  # noqa: E402
+from flops import lowered_flops, peak_flops  # noqa: E402
 
 PROMPT = "a photo of Ada Quill"
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak
 
 
 def progress(message: str) -> None:
@@ -43,8 +43,7 @@ def flops_per_batch(model, args) -> float:
     (at sd15 512 px, batch 4, 20 steps: 0.5 TFLOP on an H200, against 136.2 here).
     """
     def flops(fn, *arguments) -> float:
-        cost = jax.jit(fn).lower(*arguments).cost_analysis()
-        return float(((cost[0] if isinstance(cost, list) else cost) or {}).get("flops", 0))
+        return lowered_flops(lambda: jax.jit(fn).lower(*arguments))
 
     params, latent, doubled = model.params, model.unet.config.sample_size, 2 * args.batch
     ids = jax.ShapeDtypeStruct((doubled, MAX_LENGTH), jnp.int32)
@@ -123,7 +122,7 @@ def main() -> None:
     flops = flops_per_batch(model, args)
     theirs = time_pytorch(model, args)
     device = jax.devices()[0].device_kind
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device), None)
+    peak = peak_flops(device)
 
     def rate(images_per_s: float) -> str:
         achieved = flops * images_per_s / args.batch

@@ -25,12 +25,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from flops import lowered_flops, peak_flops  # noqa: E402  (benchmarks/ is on the path as the script's folder)
+
 CONFIGS = {  # name: (model preset, resolution)
     "tiny": ("tiny-random", 32),
     "sd15@256": ("sd15-random", 256),
     "sd15@512": ("sd15-random", 512),
 }
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak
 K, PLACEHOLDER, LR, ETA = 10, 41128, 1e-3, 1.0
 
 
@@ -86,10 +87,9 @@ def jax_worker(args) -> dict:
                                 fused_passes=fused)
     batches = [parallel.shard(b) for b in batches]
     start = time.perf_counter()
-    # What parallel.compile_step does, keeping the lowered program for its FLOP count
-    lowered = jax.pmap(parallel.make_update_fn(loss_fn, optimizer), axis_name=parallel.AXIS,
-                       donate_argnums=(0,)).lower(state, frozen, batches[0])
-    step = lowered.compile()
+    # What parallel.compile_step does
+    update = jax.pmap(parallel.make_update_fn(loss_fn, optimizer), axis_name=parallel.AXIS, donate_argnums=(0,))
+    step = update.lower(state, frozen, batches[0]).compile()
     compile_s = time.perf_counter() - start
     parallel.release_freed_memory()  # as parallel.compile_step does
     progress("jax", f"step compiled in {compile_s:.1f} s")
@@ -104,16 +104,14 @@ def jax_worker(args) -> dict:
             times.append(elapsed)
     device = jax.local_devices()[0]
     stats = device.memory_stats() or {}
-    # FLOPs from the lowered program: on GPU the compiled one's count leaves out the convolutions and
-    # matmuls that became cuDNN/cuBLAS calls (763.6 against 4430.5 GFLOP at sd15@512 on an H200).
-    # Bytes accessed from the compiled one (after fusion).
-    cost, compiled_cost = ((c[0] if isinstance(c, list) else c) or {}
-                           for c in (lowered.cost_analysis(), step.cost_analysis()))
+    # Bytes accessed from the compiled program (after fusion)
+    compiled_cost = (lambda c: (c[0] if isinstance(c, list) else c) or {})(step.cost_analysis())
     # cuDNN's fused attention shows in the compiled program as custom calls (forward and backward)
     fused_attention = step.as_text().count('custom_call_target="__cudnn$fmha')
     return {"side": "jax", "step_s": statistics.median(times), "compile_s": compile_s, "fused": fused,
             "fused_attention_calls": fused_attention,
-            "peak_bytes": stats.get("peak_bytes_in_use") or _peak_rss(), "flops": float(cost.get("flops", 0)),
+            "peak_bytes": stats.get("peak_bytes_in_use") or _peak_rss(),
+            "flops": lowered_flops(lambda: update.lower(state, frozen, batches[0])),
             "compiled_flops": float(compiled_cost.get("flops", 0)),
             "bytes_accessed": float(compiled_cost.get("bytes accessed", 0)), "device": device.device_kind}
 
@@ -264,7 +262,7 @@ def report(args, results: dict) -> None:
     ours = results.get("jax")
     if ours and ours["flops"]:
         achieved = ours["flops"] / ours["step_s"]
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in ours["device"]), None)
+        peak = peak_flops(ours["device"])
         mfu = f", MFU {achieved / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else ""
         traffic = ours.get("bytes_accessed", 0)
         intensity = f", {traffic / 1e9:.1f} GB accessed ({ours['flops'] / traffic:.0f} FLOP/byte)" if traffic else ""

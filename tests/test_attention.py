@@ -11,20 +11,22 @@ from apl_jax.nn.attention import cudnn_flash_applies, multi_head_attention
 
 
 
-@pytest.mark.parametrize("platform, capability, dtype, head_dim, expected", [
-    ("gpu", "9.0", "bfloat16", 40, True),    # SD 1.x's first UNet level on an H100/H200
-    ("gpu", "9.0", "bfloat16", 160, True),   # its deepest level: over 128 needs Hopper
-    ("gpu", "8.0", "bfloat16", 160, False),  # ... so an A100 runs that level on XLA
-    ("gpu", "8.0", "float16", 80, True),
-    ("gpu", "9.0", "bfloat16", 512, False),  # the VAE's single head
-    ("gpu", "9.0", "bfloat16", 36, False),   # not a multiple of 8
-    ("gpu", "9.0", "float32", 40, False),    # the text encoder, and float32 configs
-    ("cpu", None, "bfloat16", 40, False),
-    ("gpu", "gfx90a", "bfloat16", 40, False),  # ROCm: no cuDNN
+@pytest.mark.parametrize("platform, capability, dtype, head_dim, key_len, expected", [
+    ("gpu", "9.0", "bfloat16", 40, 4096, True),    # SD 1.x's first UNet level, self-attention, on an H100/H200
+    ("gpu", "9.0", "bfloat16", 160, 64, True),     # its deepest level: over 128 needs Hopper
+    ("gpu", "8.0", "bfloat16", 160, 64, False),    # ... so an A100 runs that level on XLA
+    ("gpu", "8.0", "float16", 80, 1024, True),
+    ("gpu", "9.0", "bfloat16", 40, 77, False),     # cross-attention over 77 tokens: odd, no backward pass
+    ("gpu", "9.0", "bfloat16", 512, 4096, False),  # the VAE's single head
+    ("gpu", "9.0", "bfloat16", 36, 4096, False),   # not a multiple of 8
+    ("gpu", "9.0", "float32", 40, 4096, False),    # the text encoder, and float32 configs
+    ("cpu", None, "bfloat16", 40, 4096, False),
+    ("gpu", "gfx90a", "bfloat16", 40, 4096, False),  # ROCm: no cuDNN
 ])
-def test_cudnn_flash_attention_is_named_only_where_its_kernel_applies(platform, capability, dtype, head_dim, expected):
+def test_cudnn_flash_attention_is_named_only_where_its_kernel_applies(platform, capability, dtype, head_dim, key_len,
+                                                                      expected):
     device = types.SimpleNamespace(platform=platform, compute_capability=capability)
-    assert cudnn_flash_applies(jnp.dtype(dtype), head_dim, device) is expected
+    assert cudnn_flash_applies(jnp.dtype(dtype), head_dim, 4096, key_len, device) is expected
 
 
 def test_attention_on_this_backend_equals_softmax_by_hand():

@@ -12,23 +12,27 @@ def multi_head_attention(query: jax.Array, key: jax.Array, value: jax.Array, hea
     def split(x):
         return x.reshape(*x.shape[:2], heads, x.shape[-1] // heads)
 
-    implementation = "cudnn" if cudnn_flash_applies(query.dtype, query.shape[-1] // heads) else "xla"
+    applies = cudnn_flash_applies(query.dtype, query.shape[-1] // heads, query.shape[1], key.shape[1])
+    implementation = "cudnn" if applies else "xla"
     out = jax.nn.dot_product_attention(split(query), split(key), split(value), is_causal=causal,
                                        implementation=implementation)
     return out.reshape(*query.shape[:2], -1)
 
 
-def cudnn_flash_applies(dtype, head_dim: int, device: jax.Device | None = None) -> bool:
-    """Whether cuDNN's flash attention takes this dtype and head size on `device` (the default one).
+def cudnn_flash_applies(dtype, head_dim: int, query_len: int, key_len: int, device: jax.Device | None = None) -> bool:
+    """Whether cuDNN's flash attention takes these shapes, forward and backward, on `device` (the default one).
 
     jax's implementation=None still means XLA's unfused softmax(QK^T)V (jax 0.10/0.11), which
     materialises every T x T score, so we name cuDNN where its kernel applies: an NVIDIA GPU, half
     precision, a head size that is a multiple of 8 and at most 128, or 256 from Hopper (compute
-    capability 9.0) on. SD 1.x's UNet (heads of 40, 80 and 160) qualifies on an H100/H200 in bf16; its
-    VAE's single 512-wide head and the float32 text encoder go to XLA.
+    capability 9.0) on, and even sequence lengths (jax 0.11 refuses odd ones in the backward pass).
+    SD 1.x's UNet self-attention (heads of 40, 80 and 160) qualifies on an H100/H200 in bf16; its
+    cross-attention over the 77 prompt tokens (a small 4096 x 77 score matrix), the VAE's single
+    512-wide head and the float32 text encoder go to XLA.
     """
     device = device or jax.devices()[0]
     capability = str(getattr(device, "compute_capability", ""))  # "9.0" on CUDA; ROCm names chips "gfx…"
     if device.platform != "gpu" or not capability[:1].isdigit() or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
         return False
-    return head_dim % 8 == 0 and head_dim <= (256 if int(capability.split(".")[0]) >= 9 else 128)
+    return (head_dim % 8 == 0 and head_dim <= (256 if int(capability.split(".")[0]) >= 9 else 128)
+            and query_len % 2 == 0 and key_len % 2 == 0)
