@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from apl_jax.nn.backward import recomputed
 
 
 def multi_head_attention(query: jax.Array, key: jax.Array, value: jax.Array, heads: int, *,
@@ -12,11 +16,25 @@ def multi_head_attention(query: jax.Array, key: jax.Array, value: jax.Array, hea
     def split(x):
         return x.reshape(*x.shape[:2], heads, x.shape[-1] // heads)
 
-    applies = cudnn_flash_applies(query.dtype, query.shape[-1] // heads, query.shape[1], key.shape[1])
-    implementation = "cudnn" if applies else "xla"
-    out = jax.nn.dot_product_attention(split(query), split(key), split(value), is_causal=causal,
-                                       implementation=implementation)
+    if cudnn_flash_applies(query.dtype, query.shape[-1] // heads, query.shape[1], key.shape[1]):
+        out = jax.nn.dot_product_attention(split(query), split(key), split(value), is_causal=causal,
+                                           implementation="cudnn")
+    else:
+        out = _xla_attention(split(query), split(key), split(value), causal)
     return out.reshape(*query.shape[:2], -1)
+
+
+def _xla_attention(query, key, value, causal: bool):
+    # Only q, k, v are kept for the backward pass, not XLA's heads x T x T probabilities (32 MiB a layer
+    # at 256 px in f32): it recomputes them, two small matmuls a layer, as a flash kernel does.
+    return recomputed(functools.partial(_scaled_first, causal=causal))(query, key, value)
+
+
+def _scaled_first(query, key, value, causal: bool):
+    # 1/sqrt(d) applied to the queries (T x d) rather than to the scores (T x T): XLA's CPU backend
+    # would otherwise materialise the constant broadcast to the scores' shape (32 MiB a layer at 256 px).
+    scale = jnp.asarray(query.shape[-1] ** -0.5, query.dtype)
+    return jax.nn.dot_product_attention(query * scale, key, value, scale=1.0, is_causal=causal, implementation="xla")
 
 
 def cudnn_flash_applies(dtype, head_dim: int, query_len: int, key_len: int, device: jax.Device | None = None) -> bool:

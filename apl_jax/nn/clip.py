@@ -133,9 +133,13 @@ class TokenEmbedding(nn.Module):
     @nn.compact
     def __call__(self, ids: jax.Array, extra_rows: jax.Array | None = None) -> jax.Array:
         table = self.param("embedding", nn.initializers.normal(0.02), (self.vocab_size, self.width))
-        if extra_rows is not None:
-            table = jnp.concatenate([table, extra_rows.astype(table.dtype)], axis=0)
-        return jnp.take(table, ids, axis=0)
+        if extra_rows is None:
+            return jnp.take(table, ids, axis=0)
+        # Each source gathered on its own: appending the rows to the table would copy all 49,408 rows
+        # on every call, and the prefix's gradient would be scattered into a zero table that size.
+        tokens = jnp.take(table, jnp.minimum(ids, self.vocab_size - 1), axis=0)
+        extra = jnp.take(extra_rows.astype(table.dtype), jnp.clip(ids - self.vocab_size, 0, len(extra_rows) - 1), axis=0)
+        return jnp.where((ids >= self.vocab_size)[..., None], extra, tokens)
 
 
 class CLIPTextTransformer(nn.Module):

@@ -19,10 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-
-def _tied(weight: jax.Array, cotangent: jax.Array) -> jax.Array:
-    # A NaN or Inf cotangent already makes every gradient non-finite; the NaN guard sees it either way.
-    return weight + jnp.zeros((), weight.dtype) * cotangent.ravel()[0].astype(weight.dtype)
+from apl_jax.nn.backward import tied
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -37,7 +34,7 @@ def _dot_fwd(x, w, dimension_numbers, precision, preferred_element_type):
 def _dot_bwd(dimension_numbers, precision, preferred_element_type, residuals, g):
     x, w = residuals
     _, vjp = jax.vjp(functools.partial(lax.dot_general, dimension_numbers=dimension_numbers, precision=precision,
-                                       preferred_element_type=preferred_element_type), x, _tied(w, g))
+                                       preferred_element_type=preferred_element_type), x, tied(w, g))
     return vjp(g)
 
 
@@ -66,7 +63,7 @@ def _conv_fwd(x, w, *static):
 
 def _conv_bwd(*arguments):
     *static, (x, w), g = arguments
-    _, vjp = jax.vjp(lambda x, w: _plain_conv(x, w, *static), x, _tied(w, g))
+    _, vjp = jax.vjp(lambda x, w: _plain_conv(x, w, *static), x, tied(w, g))
     return vjp(g)
 
 

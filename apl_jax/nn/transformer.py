@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from apl_jax.nn.attention import multi_head_attention
+from apl_jax.nn.backward import recomputed
 from apl_jax.nn.layers import Conv, Dense
 
 
@@ -36,8 +37,13 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        hidden, gate = jnp.split(Dense(2 * self.width, dtype=self.dtype, name="proj")(x), 2, axis=-1)
-        return hidden * jax.nn.gelu(gate, approximate=False)  # PyTorch's exact GELU, not flax's tanh default
+        # Only the projection is kept for the backward pass, which recomputes the GELU (elementwise)
+        return recomputed(_gated_gelu)(Dense(2 * self.width, dtype=self.dtype, name="proj")(x))
+
+
+def _gated_gelu(projected: jax.Array) -> jax.Array:
+    hidden, gate = jnp.split(projected, 2, axis=-1)
+    return hidden * jax.nn.gelu(gate, approximate=False)  # PyTorch's exact GELU, not flax's tanh default
 
 
 class FeedForward(nn.Module):
