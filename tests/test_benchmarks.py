@@ -25,3 +25,20 @@ def test_sampling_benchmark_smoke():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ours (JAX):" in done.stdout and "images/s" in done.stdout
     assert "ratio ours/PyTorch:" in done.stdout or "torch is not installed" in done.stdout
+
+
+def test_flops_are_counted_with_xla_attention_where_cudnn_would_run(monkeypatch):
+    """XLA counts nothing for a program with cuDNN attention calls, so lowered_flops traces XLA's attention."""
+    import jax
+    import jax.numpy as jnp
+
+    from apl_jax.nn import attention
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from flops import lowered_flops
+
+    monkeypatch.setattr(attention, "cudnn_flash_applies", lambda *args, **kwargs: True)  # as on an H200 in bf16
+    q = jnp.ones((1, 64, 32), jnp.bfloat16)
+    counted = lowered_flops(lambda: jax.jit(lambda q: attention.multi_head_attention(q, q, q, heads=4)).lower(q))
+    assert counted >= 2 * (2 * 64 * 64 * 32)  # q k^T and p v, 2 FLOPs a multiply-add
+    assert attention.cudnn_flash_applies is not None and attention.cudnn_flash_applies(jnp.bfloat16, 8, 64, 64)
