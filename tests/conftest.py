@@ -169,6 +169,15 @@ def tiny():
     return tiny_random()
 
 
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, tiny):
+    """tiny-random saved as a model folder (--model FOLDER): the same weights, but a subprocess loads them
+    in a second, where the preset's jitted random init compiles for some 25 s on a CPU."""
+    folder = tmp_path_factory.mktemp("tiny-random")
+    tiny.save(folder)
+    return folder
+
+
 # ---------------------------------------------------------------- apl_jax.evaluate on tiny-random
 
 EVAL_NAMES = ["Ada Quill", "Bo Fenwick"]
