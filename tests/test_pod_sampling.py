@@ -170,3 +170,35 @@ def test_evaluate_reuse_in_two_processes(evaluations):
     assert {p: p.stat().st_mtime_ns for p in logs["mtimes"]} == logs["mtimes"]
     assert json.loads((root / "two/report.json").read_text()) == logs["report"]
 
+
+# ---------------------------------------------------------------- python -m apl_jax.mini eval
+
+MINI_WIDTH = 64  # apl-mini's text width (test_mini checks it)
+
+
+@pytest.fixture(scope="module")
+def mini_evaluations(tmp_path_factory):
+    """mini eval of a random prefix, 1 image per name and prompt kind, 2 steps: 48 identity images per condition
+    (a padded batch of 64 that both processes draw) and 24 scene images."""
+    from apl_jax.export import save_diffusers_prefix
+
+    root = tmp_path_factory.mktemp("pod-mini")
+    prefix = np.random.default_rng(0).uniform(size=(10, MINI_WIDTH)).astype(np.float32)
+    save_diffusers_prefix(root / "prefix.safetensors", prefix, "alz")
+
+    def args(out):
+        return ["-m", "apl_jax.mini", "eval", "--prefix", str(root / "prefix.safetensors"), "--num-images", "1",
+                "--steps", "2", "--out", str(root / out)]
+
+    one_process(*args("one"))
+    return root, two_processes(*args("two"))
+
+
+def test_mini_eval_report_matches_one_process_and_is_written_once(mini_evaluations):
+    root, outputs = mini_evaluations
+    assert files(root / "two") == files(root / "one") == ["chart.png", "grid.png", "report.json", "report.md"]
+    report = json.loads((root / "two/report.json").read_text())
+    assert report["num_images"] == 1 and len(report["identities"]) == 24
+    assert_same_numbers(report, json.loads((root / "one/report.json").read_text()))
+    assert_within_one_level(pixels(root / "two/grid.png"), pixels(root / "one/grid.png"))
+    assert [out.count("wrote ") for out in outputs] == [1, 0]
