@@ -44,21 +44,21 @@ def two_processes(*args):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_folder):
     root = tmp_path_factory.mktemp("pod-sampling")
     (root / "names.txt").write_text("Ada Quill\nBo Fenwick\n")
-    one_process(str(REPO / "sample.py"), *SAMPLE, "--out", str(root / "one/grid.png"),
-                "--save-dir", str(root / "one/images"))
-    one_process(*IDENTITIES, "--names", str(root / "names.txt"), "--out", str(root / "ids1"))
-    sample = two_processes(str(REPO / "sample.py"), *SAMPLE, "--out", str(root / "two/grid.png"),
-                           "--save-dir", str(root / "two/images"))
-    identities = two_processes(*IDENTITIES, "--names", str(root / "names.txt"), "--out", str(root / "ids2"))
+    sample = (str(REPO / "sample.py"), *SAMPLE, "--model", str(tiny_folder))
+    identities = (*IDENTITIES, "--model", str(tiny_folder), "--names", str(root / "names.txt"))
+    one_process(*sample, "--out", str(root / "one/grid.png"), "--save-dir", str(root / "one/images"))
+    one_process(*identities, "--out", str(root / "ids1"))
+    sampled = two_processes(*sample, "--out", str(root / "two/grid.png"), "--save-dir", str(root / "two/images"))
+    drawn = two_processes(*identities, "--out", str(root / "ids2"))
     complete = {p.name: pixels(p) for p in (root / "ids2").glob("*.png")}
     # An interrupted run: three images and the manifest never written. The rerun draws exactly those.
     for name in ("Ada Quill-4.png", "Bo Fenwick-0.png", "Bo Fenwick-3.png", "manifest.json"):
         (root / "ids2" / name).unlink()
-    resumed = two_processes(*IDENTITIES, "--names", str(root / "names.txt"), "--out", str(root / "ids2"))
-    return root, {"sample": sample, "identities": identities, "resumed": resumed, "complete": complete}
+    resumed = two_processes(*identities, "--out", str(root / "ids2"))
+    return root, {"sample": sampled, "identities": drawn, "resumed": resumed, "complete": complete}
 
 
 def rendered(outputs):
