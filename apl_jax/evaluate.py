@@ -9,7 +9,8 @@ prefix. DIR receives report.md, report.json, id_scores.png (per identity),
 grids/*.png (plain rows above prefixed ones) and images/<group>/<condition>/*.png
 with images/<group>/manifest.json; --reuse keeps images whose manifest matches.
 DIR may be gs://. In N processes each process writes the images its devices drew;
-process 0 writes the manifests (after a barrier), grids and report.
+process 0 writes the manifests (after a barrier), grids and report. Every process
+scores every image, so that all of them finish together.
 """
 
 from __future__ import annotations
@@ -281,8 +282,9 @@ def main(argv=None) -> int:
                                     settings, args.reuse)
               for group, prompts in groups.items()}
 
-    if jax.process_index() != 0:  # every process holds every image; process 0 scores them and writes the report
-        return 0
+    # Every process holds every image and scores them all, though only process 0 writes: a process that
+    # finished early would wait for the others in JAX's shutdown barrier, which gives up after 5 minutes
+    # (less than the face embeddings of a real evaluation take) and then aborts every process.
     scores = id_scores(embed_all(embedder, images["identity"]), references, names, args.num_images)
     clip = None
     if args.clip_model is not None:
@@ -292,6 +294,8 @@ def main(argv=None) -> int:
         print("CLIP scores", file=sys.stderr)
         clip = {"scale": SCALE, "generic": None,
                 **{group: clip_means(scorer, images[group], prompts, args.num_images) for group, prompts in groups.items()}}
+    if jax.process_index() != 0:
+        return 0
 
     grids = [f"grids/{path.name}" for group, prompts in groups.items()
              for path in save_grids(images[group], prompts, args.num_images, prefix.placeholder, out, group)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import stat
@@ -166,6 +167,74 @@ def tiny():
     from apl_jax.models import tiny_random
 
     return tiny_random()
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, tiny):
+    """tiny-random saved as a model folder (--model FOLDER): the same weights, but a subprocess loads them
+    in a second, where the preset's jitted random init compiles for some 25 s on a CPU."""
+    folder = tmp_path_factory.mktemp("tiny-random")
+    tiny.save(folder)
+    return folder
+
+
+# ---------------------------------------------------------------- apl_jax.evaluate on tiny-random
+
+EVAL_NAMES = ["Ada Quill", "Bo Fenwick"]
+
+
+@pytest.fixture(scope="session")
+def eval_inputs(tmp_path_factory, tiny):
+    """A random prefix for tiny-random, names.txt (EVAL_NAMES), prompts.txt (one generic prompt) and
+    refs/NAME/{0,1}.png (random 32 px "photos")."""
+    from PIL import Image
+
+    from apl_jax.export import save_diffusers_prefix
+
+    root = tmp_path_factory.mktemp("eval-inputs")
+    prefix = np.random.default_rng(0).uniform(size=(10, tiny.text_width)).astype(np.float32)
+    save_diffusers_prefix(root / "prefix.safetensors", prefix, "alz")
+    (root / "names.txt").write_text("\n".join(EVAL_NAMES) + "\n")
+    (root / "prompts.txt").write_text("# generic prompts\na red square on a blue background\n")
+    for i, name in enumerate(EVAL_NAMES):
+        person = root / "refs" / name
+        person.mkdir(parents=True)
+        for k in range(2):
+            photo = np.random.default_rng([i, k]).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(photo).save(person / f"{k}.png")
+    return root
+
+
+def evaluate_args(inputs, out, *extra):
+    """apl_jax.evaluate's arguments on eval_inputs: tiny-random, 2 images per prompt, 2 steps, the fake embedder;
+    a later flag in `extra` overrides an earlier one."""
+    return ["--model", "tiny-random", "--prefix", str(inputs / "prefix.safetensors"), "--names",
+            str(inputs / "names.txt"), "--references", str(inputs / "refs"), "--out", str(out), "--num-images", "2",
+            "--steps", "2", "--embedder", "fake", *extra]
+
+
+@pytest.fixture(scope="session")
+def clip_folder(tmp_path_factory):
+    """A tiny random CLIP (our CLIPModel) as a transformers folder: config.json and flax_model.msgpack."""
+    import flax.serialization
+
+    from apl_jax.nn.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+    from apl_jax.nn.configs import to_json
+
+    config = CLIPConfig(
+        CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                       pad_token_id=49407),
+        CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                         image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    params = jax.jit(CLIPModel(config).init_weights)(jax.random.PRNGKey(0))
+    folder = tmp_path_factory.mktemp("tiny-clip")  # no tokenizer files: the shipped vocabulary is used
+    (folder / "config.json").write_text(json.dumps({"model_type": "clip", "projection_dim": 16,
+                                                    "text_config": to_json(config.text),
+                                                    "vision_config": to_json(config.vision)}))
+    (folder / "flax_model.msgpack").write_bytes(flax.serialization.to_bytes(jax.device_get(params)))
+    return folder
 
 
 @contextlib.contextmanager

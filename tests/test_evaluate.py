@@ -2,23 +2,19 @@ import json
 import subprocess
 import sys
 
-import flax.serialization
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from apl_jax import evaluate
 from apl_jax.errors import UserError
-from apl_jax.export import save_diffusers_prefix
 from apl_jax.face_id import (
     ARCFACE_TEMPLATE, FakeEmbedder, align_face, identity_score, make_embedder, reference_embedding, reference_photos,
     similarity_transform, summarise, unit,
 )
-from conftest import REPO, train_env
+from conftest import EVAL_NAMES, REPO, evaluate_args, train_env
 
 EVAL_EXTRA = "the [eval] extra (pip install -r requirements-eval.txt) is not installed"
-NAMES = ["Ada Quill", "Bo Fenwick"]
 
 
 def no_face_images():
@@ -176,28 +172,6 @@ def test_embedder_errors(monkeypatch, tmp_path):
 # ---------------------------------------------------------------- CLIP score
 
 @pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory):
-    """A tiny random CLIP (our CLIPModel) as a transformers folder: config.json and flax_model.msgpack."""
-    from apl_jax.nn.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-    from apl_jax.nn.configs import to_json
-
-    config = CLIPConfig(
-        CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
-                       pad_token_id=49407),
-        CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
-                         image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    params = jax.jit(CLIPModel(config).init_weights)(jax.random.PRNGKey(0))
-    folder = tmp_path_factory.mktemp("tiny-clip")  # no tokenizer files: the shipped vocabulary is used
-    (folder / "config.json").write_text(json.dumps({"model_type": "clip", "projection_dim": 16,
-                                                    "text_config": to_json(config.text),
-                                                    "vision_config": to_json(config.vision)}))
-    (folder / "flax_model.msgpack").write_bytes(flax.serialization.to_bytes(jax.device_get(params)))
-    return folder
-
-
-@pytest.fixture(scope="module")
 def scorer(clip_folder):
     from apl_jax.clip_score import ClipScorer
 
@@ -241,29 +215,7 @@ def test_clip_folder_errors(tmp_path):
 
 # ---------------------------------------------------------------- the CLI end to end
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory, tiny):
-    root = tmp_path_factory.mktemp("eval-inputs")
-    prefix = np.random.default_rng(0).uniform(size=(10, tiny.text_width)).astype(np.float32)
-    save_diffusers_prefix(root / "prefix.safetensors", prefix, "alz")
-    (root / "names.txt").write_text("\n".join(NAMES) + "\n")
-    (root / "prompts.txt").write_text("# generic prompts\na red square on a blue background\n")
-    for i, name in enumerate(NAMES):
-        person = root / "refs" / name
-        person.mkdir(parents=True)
-        for k in range(2):
-            photo = np.random.default_rng([i, k]).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-            Image.fromarray(photo).save(person / f"{k}.png")
-    return root
-
-
-def evaluate_args(inputs, out, *extra):
-    return ["--model", "tiny-random", "--prefix", str(inputs / "prefix.safetensors"), "--names",
-            str(inputs / "names.txt"), "--references", str(inputs / "refs"), "--out", str(out), "--num-images", "2",
-            "--steps", "2", "--embedder", "fake", *extra]
-
-
-def test_evaluate_end_to_end_then_reuse(inputs, clip_folder, tmp_path, monkeypatch):
+def test_evaluate_end_to_end_then_reuse(eval_inputs, clip_folder, tmp_path, monkeypatch):
     from apl_jax.clip_score import ClipScorer
 
     scored_texts = []
@@ -271,7 +223,7 @@ def test_evaluate_end_to_end_then_reuse(inputs, clip_folder, tmp_path, monkeypat
     monkeypatch.setattr(ClipScorer, "text_embeddings",
                         lambda self, prompts: scored_texts.extend(prompts) or text_embeddings(self, prompts))
     out = tmp_path / "eval"
-    args = evaluate_args(inputs, out, "--prompts", str(inputs / "prompts.txt"), "--clip-model", str(clip_folder))
+    args = evaluate_args(eval_inputs, out, "--prompts", str(eval_inputs / "prompts.txt"), "--clip-model", str(clip_folder))
     assert evaluate.main(args) == 0
 
     report = json.loads((out / "report.json").read_text())
@@ -281,17 +233,17 @@ def test_evaluate_end_to_end_then_reuse(inputs, clip_folder, tmp_path, monkeypat
     for condition in ("plain", "prefix"):
         assert set(ids[condition]) == {"mean", "max", "detection_rate"}
         assert ids[condition]["detection_rate"] == 1.0 and -1 <= ids[condition]["mean"] <= ids[condition]["max"] <= 1
-    assert list(ids["identities"]) == NAMES
+    assert list(ids["identities"]) == EVAL_NAMES
     ada = ids["identities"]["Ada Quill"]
     assert (ada["reference_photos"], ada["reference_faces"]) == (2, 2)
     assert ada["plain"]["images"] == 2 and len(ada["plain"]["similarities"]) == 2
     assert ada["plain"]["mean"] == pytest.approx(np.mean(ada["plain"]["similarities"]))
     clip = report["clip_score"]
     assert clip["scale"] == 100 and set(clip) == {"scale", "identity", "generic"}
-    assert set(clip["identity"]["prompts"]) == {f"A close-up portrait of {n}" for n in NAMES}
+    assert set(clip["identity"]["prompts"]) == {f"A close-up portrait of {n}" for n in EVAL_NAMES}
     assert all(-100 <= clip[g][c] <= 100 for g in ("identity", "generic") for c in ("plain", "prefix"))
     # the CLIP score always reads the prompt as written, never the placeholder
-    assert set(scored_texts) == {f"A close-up portrait of {n}" for n in NAMES} | {"a red square on a blue background"}
+    assert set(scored_texts) == {f"A close-up portrait of {n}" for n in EVAL_NAMES} | {"a red square on a blue background"}
     assert report["grids"] == ["grids/identity-00.png", "grids/generic-00.png"]
     for name in ("report.md", "id_scores.png", *report["grids"]):
         assert (out / name).stat().st_size > 0, name
@@ -317,23 +269,23 @@ def test_evaluate_end_to_end_then_reuse(inputs, clip_folder, tmp_path, monkeypat
     assert again["id_score"] == ids and again["clip_score"] == clip
 
 
-def test_evaluate_input_errors(inputs, tmp_path):
+def test_evaluate_input_errors(eval_inputs, tmp_path):
     (tmp_path / "refs" / "Ada Quill").mkdir(parents=True)
-    (tmp_path / "refs" / "Ada Quill" / "0.png").write_bytes((inputs / "refs/Ada Quill/0.png").read_bytes())
-    partial = evaluate_args(inputs, tmp_path / "x")
+    (tmp_path / "refs" / "Ada Quill" / "0.png").write_bytes((eval_inputs / "refs/Ada Quill/0.png").read_bytes())
+    partial = evaluate_args(eval_inputs, tmp_path / "x")
     partial[partial.index("--references") + 1] = str(tmp_path / "refs")
     with pytest.raises(UserError, match=r"no reference photos of 'Bo Fenwick': expected .*Bo Fenwick or .*Bo_Fenwick"):
         evaluate.main(partial)
     with pytest.raises(UserError, match=r"prompts file .*missing.txt does not exist"):
-        evaluate.main(evaluate_args(inputs, tmp_path / "x", "--prompts", str(tmp_path / "missing.txt")))
+        evaluate.main(evaluate_args(eval_inputs, tmp_path / "x", "--prompts", str(tmp_path / "missing.txt")))
     with pytest.raises(UserError, match=r"CLIP model folder .*nowhere does not exist"):
-        evaluate.main(evaluate_args(inputs, tmp_path / "x", "--clip-model", str(tmp_path / "nowhere")))
+        evaluate.main(evaluate_args(eval_inputs, tmp_path / "x", "--clip-model", str(tmp_path / "nowhere")))
     with pytest.raises(UserError, match="--num-images must be at least 1"):
-        evaluate.main(evaluate_args(inputs, tmp_path / "x", "--num-images", "0"))
+        evaluate.main(evaluate_args(eval_inputs, tmp_path / "x", "--num-images", "0"))
 
 
-def test_cli_prints_one_error_line(inputs, tmp_path):
-    args = evaluate_args(inputs, tmp_path / "x")
+def test_cli_prints_one_error_line(eval_inputs, tmp_path):
+    args = evaluate_args(eval_inputs, tmp_path / "x")
     args[args.index("--references") + 1] = str(tmp_path / "no-refs")
     done = subprocess.run([sys.executable, "-m", "apl_jax.evaluate", *args], env=train_env(), cwd=REPO,
                           capture_output=True, text=True, timeout=300)
