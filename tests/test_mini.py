@@ -269,28 +269,28 @@ def test_train_py_defaults_to_apl_mini(tmp_path):
 
 
 def test_toy_sweep_resumes_reuses_and_plots(short_apl, tmp_path):
-    """Two points of one eta: the 2-step run resumes the 1-step one; a rerun trains and samples nothing."""
+    """Two points of one identity share: the 2-step run resumes the 1-step one; a rerun trains and samples nothing."""
     from apl_jax.mini import sweep as sweep_module
 
     _, cache = short_apl
     (data,) = cache.glob("apl-mini-data-*")
     overrides = [f"data.identity_dir={data / 'identities'}", f"data.caption_dir={data / 'generic'}",
                  f"data.cache_dir={cache}", "train.batch_size=8"]
-    default = sweep_module.Point(1.0, 2)
-    scores = sweep_module.sweep(tmp_path, [1.0], [2, 1], num_images=1, overrides=overrides, default=default)
-    assert [(s["eta"], s["steps"]) for s in scores] == [(1.0, 1), (1.0, 2)]
+    default = sweep_module.Point(0.5, 2)
+    scores = sweep_module.sweep(tmp_path, [0.5], [2, 1], num_images=1, overrides=overrides, default=default)
+    assert [(s["identity_prob"], s["steps"]) for s in scores] == [(0.5, 1), (0.5, 2)]
     for s in scores:
         assert 0 <= s["id_accuracy_train"] <= 1 and 0 <= s["scene_accuracy"] <= 1
-    workdir = tmp_path / "eta-1"
+    workdir = tmp_path / "p-0.5"
     metrics = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert metrics == [1, 2]  # step 2 continued step 1's run rather than starting again
     assert (workdir / "prefix-1.safetensors").read_bytes() != (workdir / "prefix-2.safetensors").read_bytes()
     with Image.open(tmp_path / "sweep.png") as plot:
         assert plot.size[0] > 300
-    assert "| 1 (default) | 2 |" in (tmp_path / "sweep.md").read_text()
+    assert "| 0.5 (default) | 2 |" in (tmp_path / "sweep.md").read_text()
 
     kept = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != "sweep.png"
             and not p.name.startswith("sweep.")}
-    again = sweep_module.sweep(tmp_path, [1.0], [1, 2], num_images=1, overrides=overrides, default=default)
+    again = sweep_module.sweep(tmp_path, [0.5], [1, 2], num_images=1, overrides=overrides, default=default)
     assert again == scores
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # nothing retrained or rescored

@@ -60,6 +60,29 @@ def test_negative_guidance_scales_the_loss(tiny, batch, keys):
     assert_close(loss_fn(tiny, 2.0)(prefix, tiny.params, batch, keys), 9 * base)
 
 
+def test_negative_guidance_only_scales_the_gradient_so_adam_ignores_it(tiny, batch, keys):
+    """With the stop-gradient target, d loss / d prefix = (1 + eta) x the eta=0 gradient; Adam divides the factor out.
+
+    Why the mini sweep varies the identity share rather than eta (apl_jax/mini/sweep.py).
+    """
+    prefix = init_prefix(tiny, 10, jax.random.PRNGKey(0))
+    grad = {eta: jax.grad(loss_fn(tiny, eta))(prefix, tiny.params, batch, keys) for eta in (0.5, 2.0)}
+    assert float(jnp.abs(grad[0.5]).max()) > 0
+    assert_close(grad[2.0], 3.0 / 1.5 * grad[0.5], rel=1e-4)
+
+    def trained(eta):  # three Adam steps of APL training
+        adam, params = optax.adam(1e-3), prefix
+        state, grad_fn = adam.init(params), jax.grad(loss_fn(tiny, eta))
+        for _ in range(3):
+            update, state = adam.update(grad_fn(params, tiny.params, batch, keys), state)
+            params = optax.apply_updates(params, update)
+        return params
+
+    moved = trained(0.5) - prefix
+    assert float(jnp.abs(moved).max()) > 1e-3  # three learning-rate-sized steps
+    assert_close(trained(2.0) - prefix, moved, rel=1e-3)
+
+
 def test_latents_use_the_scaling_factor(tiny, batch):
     zero = jnp.zeros((4, 8, 8, 4))
     z = sample_latents(tiny, *encode_posterior(tiny, tiny.params["vae"], batch["pixels"]), zero)

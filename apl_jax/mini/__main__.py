@@ -65,12 +65,14 @@ def _numbers(text: str, kind, what: str) -> list:
 def _sweep(args) -> int:
     from apl_jax.mini.sweep import sweep
 
-    etas, steps = _numbers(args.etas, float, "--etas"), _numbers(args.steps, int, "--steps")
+    probs, steps = _numbers(args.identity_probs, float, "--identity-probs"), _numbers(args.steps, int, "--steps")
+    if any(p > 1 for p in probs):
+        raise UserError(f"--identity-probs are shares of the training examples, at most 1; got {args.identity_probs!r}")
     if args.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")
     out = preflight.folder(args.out, "--out")
     out.mkdir(parents=True, exist_ok=True)
-    sweep(out, etas, steps, args.num_images, args.set)
+    sweep(out, probs, steps, args.num_images, args.set)
     print((out / "sweep.md").read_text() + f"wrote {out / 'sweep.png'}, sweep.md and sweep.json")
     return 0
 
@@ -105,14 +107,15 @@ def main(argv=None) -> int:
     evaluate.add_argument("--neutral-mode", choices=NEUTRAL_MODES, default="empty",
                           help="the data.neutral_mode the prefix was trained with: it decides which targets apply "
                                "(default empty)")
-    sweep = commands.add_parser("sweep", help="train and score a grid of eta x steps on a validation draw, and plot "
+    sweep = commands.add_parser("sweep", help="train and score a grid of identity share x steps on a validation draw, and plot "
                                 "ID accuracy against scene accuracy")
-    sweep.add_argument("--etas", default="0.5,1,2", help="negative guidance values (default 0.5,1,2)")
+    sweep.add_argument("--identity-probs", default="0.25,0.5,0.75",
+                       help="shares of identity examples, data.identity_prob (default 0.25,0.5,0.75; the official 0.5)")
     sweep.add_argument("--steps", default="500,1000,2000", help="training steps; longer runs resume shorter ones "
                        "(default 500,1000,2000)")
     sweep.add_argument("--num-images", type=int, default=8, help="per name and prompt kind, per point (default 8)")
     sweep.add_argument("--out", type=Path, default=Path("runs") / "mini-sweep",
-                       help="one workdir per eta, reports per point, sweep.png (default runs/mini-sweep); "
+                       help="one workdir per identity share, reports per point, sweep.png (default runs/mini-sweep); "
                             "a rerun reuses what is there")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a value of configs/mini.yaml for every point (repeatable)")

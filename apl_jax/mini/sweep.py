@@ -1,10 +1,15 @@
-"""APL-mini's trade-off: a grid of η x training steps, each prefix scored, ID accuracy plotted against scene accuracy.
+"""APL-mini's trade-off: a grid of identity share p x training steps, each prefix scored, ID accuracy against scene accuracy.
 
 Runs on a *validation* draw: another training seed (so other identity-set and generic renders),
 other sampling seeds and other prompt draws than the evaluation of `python train.py`, so that a
 default chosen from the plot is not chosen on the evaluation itself.
 
-Each η trains in its own workdir; a longer step count resumes the shorter one's checkpoint (the
+p is `data.identity_prob`, the share of training examples that name a person (the rest are generic
+captions, which teach the prefix to leave prompts alone). The negative guidance η is not swept: with
+the stop-gradient target its only effect on the gradient is a factor (1 + η), which Adam divides
+out (tests/test_objective.py), so every η trains the same prefix up to Adam's epsilon.
+
+Each p trains in its own workdir; a longer step count resumes the shorter one's checkpoint (the
 trainer's resume is bitwise, so this is the same prefix as a straight run) and each step count's
 prefix is kept as prefix-<steps>.safetensors. Finished prefixes and their scores are reused, so an
 interrupted sweep picks up where it stopped.
@@ -36,17 +41,17 @@ VALIDATION_DRAW = 2  # prompt and scene draws (the evaluation's are metrics.EVAL
 
 @dataclasses.dataclass(frozen=True)
 class Point:
-    eta: float
+    identity_prob: float
     steps: int
 
     @property
     def name(self) -> str:
-        return f"eta-{self.eta:g}"
+        return f"p-{self.identity_prob:g}"
 
 
 def point_score(report: dict, point: Point) -> dict:
     g, generic = report["groups"], report["generic"]
-    return {"eta": point.eta, "steps": point.steps,
+    return {"identity_prob": point.identity_prob, "steps": point.steps,
             "id_accuracy_train": g["train"]["prefix"]["accuracy"], "id_accuracy_heldout": g["heldout"]["prefix"]["accuracy"],
             "base_id_accuracy_train": g["train"]["plain"]["accuracy"],
             "scene_accuracy": generic["prefix"], "base_scene_accuracy": generic["plain"],
@@ -57,23 +62,24 @@ def _train_to(config: Config, point: Point, workdir: Path) -> Path:
     """prefix-<steps>.safetensors of `point`, trained (or resumed from a shorter run of the same η) if missing."""
     kept = workdir / f"prefix-{point.steps}.safetensors"
     if not kept.is_file():
-        train_config = dataclasses.replace(config.train, steps=point.steps, negative_guidance=point.eta)
-        result = train(dataclasses.replace(config, train=train_config), workdir)
+        result = train(dataclasses.replace(config, train=dataclasses.replace(config.train, steps=point.steps),
+                                           data=dataclasses.replace(config.data, identity_prob=point.identity_prob)),
+                       workdir)
         if result.prefix_file is None:  # stopped by a signal: the checkpoint is saved, nothing to score
             raise KeyboardInterrupt
         shutil.copyfile(result.prefix_file, kept)
     return kept
 
 
-def sweep(out: Path, etas: Sequence[float], steps: Sequence[int], num_images: int, overrides: Sequence[str] = (),
-          default: Point = Point(1.0, 2000)) -> list[dict]:
-    """Train and score every (η, steps) point under `out`; writes sweep.json, sweep.md and sweep.png."""
+def sweep(out: Path, identity_probs: Sequence[float], steps: Sequence[int], num_images: int,
+          overrides: Sequence[str] = (), default: Point = Point(0.5, 2000)) -> list[dict]:
+    """Train and score every (p, steps) point under `out`; writes sweep.json, sweep.md and sweep.png."""
     config = load_config(DEFAULT_CONFIG, [f"train.seed={VALIDATION_SEED}", "eval.after_training=false", *overrides])
     config = with_mini_data(config)
     scores = []
-    for eta in etas:
+    for identity_prob in identity_probs:
         for count in sorted(steps):
-            point = Point(eta, count)
+            point = Point(identity_prob, count)
             scored = out / point.name / f"eval-{count}" / "report.json"
             if not scored.is_file():
                 prefix = _train_to(config, point, out / point.name)
@@ -87,32 +93,32 @@ def sweep(out: Path, etas: Sequence[float], steps: Sequence[int], num_images: in
 
 
 def table(scores: list[dict], default: Point) -> str:
-    lines = ["| η | steps | ID accuracy, training names | ID accuracy, held-out | scene accuracy (without: base) | face rate |",
+    lines = ["| p (identity share) | steps | ID accuracy, training names | ID accuracy, held-out | scene accuracy (without: base) | face rate |",
              "| --- | --- | --- | --- | --- | --- |"]
     for s in scores:
-        mark = " (default)" if (s["eta"], s["steps"]) == (default.eta, default.steps) else ""
-        lines.append(f"| {s['eta']:g}{mark} | {s['steps']} | {s['id_accuracy_train']:.3f} (base "
+        mark = " (default)" if (s["identity_prob"], s["steps"]) == (default.identity_prob, default.steps) else ""
+        lines.append(f"| {s['identity_prob']:g}{mark} | {s['steps']} | {s['id_accuracy_train']:.3f} (base "
                      f"{s['base_id_accuracy_train']:.3f}) | {s['id_accuracy_heldout']:.3f} | {s['scene_accuracy']:.3f} "
                      f"({s['base_scene_accuracy']:.3f}) | {s['face_rate']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(scores: list[dict], default: Point, path: Path) -> None:
-    """ID accuracy (training names) against scene accuracy, one point per run; colour = η, label = steps."""
+    """ID accuracy (training names) against scene accuracy, one point per run; colour = p, label = steps."""
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    etas = sorted({s["eta"] for s in scores})
-    colours = plt.cm.viridis([i / max(1, len(etas) - 1) for i in range(len(etas))])
-    for eta, colour in zip(etas, colours):
-        row = sorted((s for s in scores if s["eta"] == eta), key=lambda s: s["steps"])
+    probs = sorted({s["identity_prob"] for s in scores})
+    colours = plt.cm.viridis([i / max(1, len(probs) - 1) for i in range(len(probs))])
+    for identity_prob, colour in zip(probs, colours):
+        row = sorted((s for s in scores if s["identity_prob"] == identity_prob), key=lambda s: s["steps"])
         ax.plot([s["scene_accuracy"] for s in row], [s["id_accuracy_train"] for s in row], "o-", color=colour,
-                label=f"η = {eta:g}")
+                label=f"p = {identity_prob:g}")
         for s in row:
             ax.annotate(f"{s['steps']}", (s["scene_accuracy"], s["id_accuracy_train"]), fontsize=7,
                         textcoords="offset points", xytext=(4, 4))
-    chosen = [s for s in scores if (s["eta"], s["steps"]) == (default.eta, default.steps)]
+    chosen = [s for s in scores if (s["identity_prob"], s["steps"]) == (default.identity_prob, default.steps)]
     if chosen:
         ax.plot(chosen[0]["scene_accuracy"], chosen[0]["id_accuracy_train"], "*", markersize=18, markerfacecolor="none",
-                markeredgecolor="red", label=f"default (η = {default.eta:g}, {default.steps} steps)")
+                markeredgecolor="red", label=f"default (p = {default.identity_prob:g}, {default.steps} steps)")
     base = scores[0]
     ax.axvline(0.95 * base["base_scene_accuracy"], color="grey", linestyle=":", label="scene target (0.95 × base)")
     ax.axhline(base["base_id_accuracy_train"] / 10, color="grey", linestyle="--", label="ID target (base / 10)")
