@@ -16,7 +16,6 @@ import functools
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax import lax
 
 from apl_jax.nn.backward import tied
