@@ -59,7 +59,7 @@ def point_score(report: dict, point: Point) -> dict:
 
 
 def _train_to(config: Config, point: Point, workdir: Path) -> Path:
-    """prefix-<steps>.safetensors of `point`, trained (or resumed from a shorter run of the same η) if missing."""
+    """prefix-<steps>.safetensors of `point`, trained (or resumed from a shorter run of the same p) if missing."""
     kept = workdir / f"prefix-{point.steps}.safetensors"
     if not kept.is_file():
         result = train(dataclasses.replace(config, train=dataclasses.replace(config.train, steps=point.steps),
