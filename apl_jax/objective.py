@@ -31,6 +31,12 @@ def sample_latents(model: FrozenSD, mean: jax.Array, std: jax.Array, noise: jax.
     return jnp.transpose(z0, (0, 3, 1, 2)) * model.latent_scaling
 
 
+def frozen_inputs(params: dict) -> dict:
+    """The model arrays apl_loss reads: all but the VAE's decoder half, which training never runs (SD 1.5's
+    is 198 MB in float32). A new top-level dict: the caller's stops holding the decoder once dropped."""
+    return {**params, "vae": {k: v for k, v in params["vae"].items() if k in ("encoder", "quant_conv")}}
+
+
 def fastest_pass_layout() -> bool:
     """train.fused_unet_passes' default for the backend in use (benchmarks/README.md): on CPU two UNet
     calls measured fastest; on GPU one doubled call is the layout measured so far."""

@@ -166,7 +166,7 @@ def train(config: Config, workdir) -> TrainResult:
             host_input.set_state(data_state)
         # Modules only from here on; the arrays reach the step as arguments. The host copy of the frozen
         # weights is freed array by array as it reaches the devices (two copies of SD would double the memory).
-        params, model = model.params, dataclasses.replace(model, params=None)
+        params, model = objective.frozen_inputs(model.params), dataclasses.replace(model, params=None)
         frozen = parallel.replicate_consuming(params)
         return _train_from(config, workdir, model, frozen, placeholder_id, host_input, optimizer, state, checkpointer)
 

@@ -81,7 +81,7 @@ def jax_worker(args) -> dict:
             mean, std = encode(model.params["vae"], batch.pop("pixels"))
             batch.update(posterior_mean=np.asarray(mean), posterior_std=np.asarray(std))
     # As the trainer does: the frozen weights go to the devices and the host copy is dropped.
-    params, model = model.params, dataclasses.replace(model, params=None)
+    params, model = objective.frozen_inputs(model.params), dataclasses.replace(model, params=None)
     frozen, state = parallel.replicate_consuming(params), parallel.replicate(state)
     loss_fn = functools.partial(objective.apl_loss, model=model, placeholder_id=PLACEHOLDER, negative_guidance=ETA,
                                 fused_passes=fused)

@@ -42,3 +42,10 @@ def test_flops_are_counted_with_xla_attention_where_cudnn_would_run(monkeypatch)
     counted = lowered_flops(lambda: jax.jit(lambda q: attention.multi_head_attention(q, q, q, heads=4)).lower(q))
     assert counted >= 2 * (2 * 64 * 64 * 32)  # q k^T and p v, 2 FLOPs a multiply-add
     assert attention.cudnn_flash_applies is not None and attention.cudnn_flash_applies(jnp.bfloat16, 8, 64, 64)
+
+
+def test_conv_paths_benchmark_smoke():
+    done = run("benchmarks/conv_paths.py", "--channels", "64", "--sizes", "4", "--repeats", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.split()[:2] == ["64", "4"]]
+    assert len(rows) == 1 and len(rows[0]) == 11, done.stdout  # channels, size, rows/ch, then two times and a ratio twice
