@@ -8,7 +8,7 @@ import pytest
 
 from apl_jax.data.prompts import Templates
 from apl_jax.data.synthetic import SyntheticExamples
-from apl_jax.objective import apl_loss, encode_posterior, sample_latents
+from apl_jax.objective import apl_loss, encode_posterior, frozen_inputs, sample_latents
 from apl_jax.prefix import encode_with_prefix, init_prefix
 from conftest import assert_close
 
@@ -135,6 +135,14 @@ def test_cached_posterior_gives_the_same_loss(tiny, batch, keys):
     cached = {k: v for k, v in batch.items() if k != "pixels"} | {"posterior_mean": mean, "posterior_std": std}
     assert_close(loss_fn(tiny)(prefix, tiny.params, cached, keys), loss_fn(tiny)(prefix, tiny.params, batch, keys),
                  rel=1e-5)
+
+
+def test_frozen_inputs_leave_out_the_decoder_and_change_nothing(tiny, batch, keys):
+    frozen = frozen_inputs(tiny.params)
+    assert set(frozen["vae"]) == {"encoder", "quant_conv"} and set(tiny.params["vae"]) > set(frozen["vae"])
+    assert set(frozen) == set(tiny.params)
+    prefix = init_prefix(tiny, 10, jax.random.PRNGKey(0))
+    assert loss_fn(tiny)(prefix, frozen, batch, keys) == loss_fn(tiny)(prefix, tiny.params, batch, keys)
 
 
 def test_remat_gives_the_same_loss_and_gradient(tiny, batch, keys):
