@@ -1,5 +1,6 @@
 """Train APL-mini's models from scratch: VAE, then CLIP text encoder + UNet, then the same on captions
-behind filler words (so meaning does not hang on absolute token positions), then apl-mini-ft and the recognizer.
+behind filler words (so meaning does not hang on absolute token positions), then apl-mini-ft, apl-mini-db
+(DreamBooth-style: the base UNet fine-tuned few-shot on two names it never saw) and the recognizer.
 
 Every stage is seeded and writes its result under the work folder before the next
 starts; a rerun skips finished stages and resumes the diffusion stages from their
@@ -8,6 +9,7 @@ last orbax checkpoint, so an interrupted build loses at most `checkpoint_every` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -62,6 +64,11 @@ class BuildConfig:
     ft_pool_size: int = 4_000
     ft_steps: int = 400
     ft_learning_rate: float = 2e-4
+    db_renders_per_name: int = 8  # DreamBooth's few shots
+    db_prior_images: int = 512  # prior preservation: a fresh draw of the base mix, half of every batch
+    db_steps: int = 1_500  # 400 steps at 3e-4, or 600 at 1e-3, left the two people half drawn
+    db_learning_rate: float = 1e-3
+    db_ema_decay: float = 0.99  # the base's 0.999 kept two thirds of the starting UNet after 400 steps
     recognizer_steps: int = 3_000
     checkpoint_every: int = 500
 
@@ -69,7 +76,8 @@ class BuildConfig:
     def toy(cls) -> "BuildConfig":
         """A few steps of everything: for tests of the machinery, not of the results."""
         return cls(pool_size=96, vae_steps=3, vae_batch=8, sd_steps=4, sd_batch=8, shift_steps=2, ft_pool_size=32,
-                   ft_steps=2, recognizer_steps=3, checkpoint_every=2)
+                   ft_steps=2, db_renders_per_name=2, db_prior_images=8, db_steps=2, recognizer_steps=3,
+                   checkpoint_every=2)
 
 
 CAPTIONS_PER_IMAGE = 4
@@ -97,14 +105,36 @@ def render_pool(size: int, seed: int, style: world.Style, tokenizer, templates: 
         for _ in range(CAPTIONS_PER_IMAGE):
             text = captions.caption(s, rng, templates)
             texts.append(captions.with_filler(text, rng) if filler else text)
-    unique, where = np.unique(texts, return_inverse=True)  # the slow tokenizer sees each text once
-    ids = tokenize(tokenizer, list(unique))[where].reshape(size, CAPTIONS_PER_IMAGE, -1)
-    pool = Pool(np.stack(images), ids)
+    pool = Pool(np.stack(images), caption_ids(tokenizer, texts, size))
     if cache is not None:
         with open(cache.with_suffix(".tmp"), "wb") as f:
             np.savez(f, images=pool.images, caption_ids=pool.caption_ids)
         cache.with_suffix(".tmp").replace(cache)
     return pool
+
+
+def caption_ids(tokenizer, texts: list[str], size: int) -> np.ndarray:
+    """int32 [size, CAPTIONS_PER_IMAGE, 77] of texts in image order."""
+    unique, where = np.unique(texts, return_inverse=True)  # the slow tokenizer sees each text once
+    return tokenize(tokenizer, list(unique))[where].reshape(size, CAPTIONS_PER_IMAGE, -1)
+
+
+def dreambooth_pool(config: BuildConfig, tokenizer, templates: Templates) -> Pool:
+    """DreamBooth's few shots and prior preservation, half each: db_renders_per_name renders of each
+    DreamBooth name under identity-set prompts (repeated), and a fresh draw of the base mix, so that
+    the fine-tune keeps what the base knew."""
+    rng = np.random.default_rng([config.seed, 9])
+    images, texts = [], []
+    for i, (name, face) in enumerate(world.dreambooth_cast().items()):
+        for k in range(config.db_renders_per_name):
+            images.append(world.render_face(face, [config.seed, 9, i, k]))
+            texts += [captions.named_caption(name, int(rng.integers(1 << 30)), 0, templates)
+                      for _ in range(CAPTIONS_PER_IMAGE)]
+    shots = Pool(np.stack(images), caption_ids(tokenizer, texts, len(images)))
+    prior = render_pool(config.db_prior_images, config.seed + 3, world.PLAIN, tokenizer, templates, "prior pool")
+    repeats = -(-len(prior.images) // len(shots.images))
+    return Pool(np.concatenate([np.repeat(shots.images, repeats, 0), prior.images]),
+                np.concatenate([np.repeat(shots.caption_ids, repeats, 0), prior.caption_ids]))
 
 
 def initial_model() -> FrozenSD:
@@ -187,8 +217,11 @@ def diffusion_loss_fn(model: FrozenSD) -> Callable:
 
 
 def train_diffusion(model: FrozenSD, pool: Pool, config: BuildConfig, *, trainable: tuple[str, ...], steps: int,
-                    learning_rate: float, checkpoints: Path, what: str, empty_ids: np.ndarray) -> FrozenSD:
-    """Train `trainable` params on the pool; returns the model with their EMA. Resumes from `checkpoints`."""
+                    learning_rate: float, checkpoints: Path, what: str, empty_ids: np.ndarray,
+                    ema_decay: float | None = None) -> FrozenSD:
+    """Train `trainable` params on the pool; returns the model with their EMA (ema_decay, default
+    config.ema_decay). Resumes from `checkpoints`."""
+    ema_decay = config.ema_decay if ema_decay is None else ema_decay
     mean, std = encode_pool(model, pool.images)
     loss_fn = diffusion_loss_fn(model)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(warmup_cosine(learning_rate, steps,
@@ -203,7 +236,7 @@ def train_diffusion(model: FrozenSD, pool: Pool, config: BuildConfig, *, trainab
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], frozen, mean, std, ids, key)
         updates, opt = optimizer.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        ema = optax.incremental_update(params, state["ema"], 1 - config.ema_decay)
+        ema = optax.incremental_update(params, state["ema"], 1 - ema_decay)
         return {"params": params, "ema": ema, "opt": opt, "step": state["step"] + 1}, loss
 
     manager = ocp.CheckpointManager(checkpoints.resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=1))
@@ -235,9 +268,9 @@ def train_diffusion(model: FrozenSD, pool: Pool, config: BuildConfig, *, trainab
 
 # ---------------------------------------------------------------- the whole build
 
-STAGES = ("vae", "base", "shift", "ft", "recognizer")
+STAGES = ("vae", "base", "shift", "ft", "db", "recognizer")
 # The build's outputs, as folders under SHIPPED_MODELS (or --out)
-BASE, FINE_TUNED, RECOGNIZER = "apl-mini", "apl-mini-ft", "apl-mini-recognizer"
+BASE, FINE_TUNED, DREAMBOOTH, RECOGNIZER = "apl-mini", "apl-mini-ft", "apl-mini-db", "apl-mini-recognizer"
 SHARED_WITH_BASE = ("model_index.json", "tokenizer", "text_encoder", "vae", "scheduler")  # all but the UNet
 
 
@@ -252,8 +285,17 @@ def save_fine_tuned(model: FrozenSD, base_dir: Path, ft_dir: Path) -> None:
         path.symlink_to(Path("..") / base_dir.name / name)
 
 
+@contextlib.contextmanager
+def _stage(name: str):
+    """Log how long a build stage took."""
+    started = time.perf_counter()
+    yield
+    log.info("stage %s took %.1f min", name, (time.perf_counter() - started) / 60)
+
+
 def build(out: Path, work: Path, config: BuildConfig, stages: tuple[str, ...] = STAGES) -> None:
-    """Write out/apl-mini, out/apl-mini-ft (diffusers folders) and out/apl-mini-recognizer, each with a MANIFEST.json."""
+    """Write out/apl-mini, out/apl-mini-ft, out/apl-mini-db (diffusers folders) and out/apl-mini-recognizer,
+    each with a MANIFEST.json."""
     from apl_jax.generate_identities import DEFAULT_TEMPLATES
     from apl_jax.models import load_model, save_model
     from apl_jax.tokenizer import load_tokenizer
@@ -268,39 +310,53 @@ def build(out: Path, work: Path, config: BuildConfig, stages: tuple[str, ...] = 
     base_pool = work / "base-pool.npz"
     after_vae = work / "after-vae"
     if "vae" in stages and not (after_vae / "model_index.json").is_file():
-        pool = render_pool(config.pool_size, config.seed, world.PLAIN, tokenizer, templates, "base pool", base_pool)
-        save_model(train_vae(initial_model(), pool.images, config), after_vae)
+        with _stage("vae"):
+            pool = render_pool(config.pool_size, config.seed, world.PLAIN, tokenizer, templates, "base pool", base_pool)
+            save_model(train_vae(initial_model(), pool.images, config), after_vae)
     before_shift = work / "before-shift"
     if "base" in stages and not (before_shift / "model_index.json").is_file():
-        pool = render_pool(config.pool_size, config.seed, world.PLAIN, tokenizer, templates, "base pool", base_pool)
-        model = train_diffusion(load_model(after_vae), pool, config, trainable=("text_encoder", "unet"),
-                                steps=config.sd_steps, learning_rate=config.sd_learning_rate,
-                                checkpoints=work / "base-checkpoints", what="text encoder + UNet",
-                                empty_ids=empty_ids)
-        save_model(model, before_shift)
+        with _stage("base"):
+            pool = render_pool(config.pool_size, config.seed, world.PLAIN, tokenizer, templates, "base pool", base_pool)
+            model = train_diffusion(load_model(after_vae), pool, config, trainable=("text_encoder", "unet"),
+                                    steps=config.sd_steps, learning_rate=config.sd_learning_rate,
+                                    checkpoints=work / "base-checkpoints", what="text encoder + UNet",
+                                    empty_ids=empty_ids)
+            save_model(model, before_shift)
     base_dir = out / BASE
     if "shift" in stages and not (base_dir / MANIFEST).is_file():
-        pool = render_pool(config.pool_size, config.seed, world.PLAIN, tokenizer, templates, "shift pool",
-                           work / "shift-pool.npz", filler=True)
-        model = train_diffusion(load_model(before_shift), pool, config, trainable=("text_encoder", "unet"),
-                                steps=config.shift_steps, learning_rate=config.shift_learning_rate,
-                                checkpoints=work / "shift-checkpoints", what="filler captions",
-                                empty_ids=empty_ids)
-        save_model(model, base_dir, dtype="float16")
-        write_manifest(base_dir)  # last: its presence means the stage is complete
+        with _stage("shift"):
+            pool = render_pool(config.pool_size, config.seed, world.PLAIN, tokenizer, templates, "shift pool",
+                               work / "shift-pool.npz", filler=True)
+            model = train_diffusion(load_model(before_shift), pool, config, trainable=("text_encoder", "unet"),
+                                    steps=config.shift_steps, learning_rate=config.shift_learning_rate,
+                                    checkpoints=work / "shift-checkpoints", what="filler captions",
+                                    empty_ids=empty_ids)
+            save_model(model, base_dir, dtype="float16")
+            write_manifest(base_dir)  # last: its presence means the stage is complete
     ft_dir = out / FINE_TUNED
     if "ft" in stages and not (ft_dir / MANIFEST).is_file():
-        pool = render_pool(config.ft_pool_size, config.seed + 1, world.SHIFTED, tokenizer, templates, "shifted pool")
-        model = train_diffusion(load_model(base_dir), pool, config, trainable=("unet",), steps=config.ft_steps,
-                                learning_rate=config.ft_learning_rate, checkpoints=work / "ft-checkpoints",
-                                what="fine-tune UNet (shifted style)", empty_ids=empty_ids)
-        save_fine_tuned(model, base_dir, ft_dir)
-        write_manifest(ft_dir)
+        with _stage("ft"):
+            pool = render_pool(config.ft_pool_size, config.seed + 1, world.SHIFTED, tokenizer, templates, "shifted pool")
+            model = train_diffusion(load_model(base_dir), pool, config, trainable=("unet",), steps=config.ft_steps,
+                                    learning_rate=config.ft_learning_rate, checkpoints=work / "ft-checkpoints",
+                                    what="fine-tune UNet (shifted style)", empty_ids=empty_ids)
+            save_fine_tuned(model, base_dir, ft_dir)
+            write_manifest(ft_dir)
+    db_dir = out / DREAMBOOTH
+    if "db" in stages and not (db_dir / MANIFEST).is_file():
+        with _stage("db"):
+            model = train_diffusion(load_model(base_dir), dreambooth_pool(config, tokenizer, templates), config,
+                                    trainable=("unet",), steps=config.db_steps, learning_rate=config.db_learning_rate,
+                                    checkpoints=work / "db-checkpoints", what="DreamBooth UNet (2 new names)",
+                                    empty_ids=empty_ids, ema_decay=config.db_ema_decay)
+            save_fine_tuned(model, base_dir, db_dir)
+            write_manifest(db_dir)
     recognizer_dir = out / RECOGNIZER
     if "recognizer" in stages and not (recognizer_dir / MANIFEST).is_file():
-        vae_model = load_model(after_vae)
-        params = recognizer.train(config.recognizer_steps, config.seed,
-                                  roundtrip=lambda images: vae_roundtrip(vae_model, images))
-        recognizer.save(params, recognizer_dir)
-        write_manifest(recognizer_dir)
+        with _stage("recognizer"):
+            vae_model = load_model(after_vae)
+            params = recognizer.train(config.recognizer_steps, config.seed,
+                                      roundtrip=lambda images: vae_roundtrip(vae_model, images))
+            recognizer.save(params, recognizer_dir)
+            write_manifest(recognizer_dir)
     log.info("build finished in %.1f min", (time.perf_counter() - started) / 60)

@@ -15,8 +15,9 @@ FILLER = ("image", "picture", "nice", "simple", "the", "with", "this", "is", "sh
 
 
 def named_caption(name: str, k: int, seed: int, templates: Templates) -> str:
-    """The prompt the official identity-set generation would use for image k of NAME."""
-    return identity_prompt(name, world.NAMES.index(name), k, seed, templates.pre_templates, templates.templates)
+    """The prompt the official identity-set generation would use for image k of NAME (a cast or DreamBooth name)."""
+    index = world.NAMES.index(name) if name in world.NAMES else len(world.NAMES) + world.DREAMBOOTH_NAMES.index(name)
+    return identity_prompt(name, index, k, seed, templates.pre_templates, templates.templates)
 
 
 def attribute_caption(face: world.Face, rng: np.random.Generator, templates: Templates) -> str:

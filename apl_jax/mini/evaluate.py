@@ -1,8 +1,9 @@
 """Measure anonymization on APL-mini: the recognizer reads images drawn without and with a prefix.
 
 For every named person, N images of "A close-up portrait of NAME" and N of the
-identity-set templates; for scenes, SCENE_PROMPTS prompts x N/4 images; every image
-drawn without and with the prefix on the same seeds. The metrics are in mini/metrics.py,
+identity-set templates (for apl-mini-db also for the two DreamBooth names); for scenes,
+SCENE_PROMPTS prompts x N/4 images; every image drawn without and with the prefix on the
+same seeds. The metrics are in mini/metrics.py,
 the written report in mini/report.py.
 """
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from apl_jax.data.prompts import Templates
 from apl_jax.mini import captions, recognizer, world
+from apl_jax.mini.build import DREAMBOOTH
 from apl_jax.mini.metrics import (CONDITIONS, EVAL_SEED, frechet_distance, group_summary, reference_embeddings,
                                   score_identities, score_scenes, targets)
 from apl_jax.mini.report import print_report, write_report
@@ -34,25 +36,33 @@ def scene_set(count: int, seed: int = EVAL_SEED) -> list[world.Scene]:
     return [world.random_scene(rng) for _ in range(count)]
 
 
-def evaluate(sampler: Sampler, params, num_images: int, seed: int = 0, templates: Templates | None = None,
-             draw_seed: int = EVAL_SEED) -> dict:
-    """Every metric of the module docstring, for the sampler's model and prefix.
-
-    seed: the sampling noise; draw_seed: the template prompts, scenes and real scene renders."""
-    from apl_jax.generate_identities import DEFAULT_TEMPLATES
-
-    templates = templates or Templates.load(DEFAULT_TEMPLATES)
-    references = reference_embeddings(params)
+def score_names(sampler: Sampler, params, names, num_images: int, seed: int, templates: Templates,
+                draw_seed: int) -> tuple[dict, dict]:
+    """({name: {condition: score_identities(...)}}, {condition: images}) for identity_prompts of `names`."""
+    references = reference_embeddings(params, names)
     identities, samples = {}, {}
-    prompts = [p for name in world.NAMES for p in identity_prompts(name, num_images, templates, draw_seed)]
+    prompts = [p for name in names for p in identity_prompts(name, num_images, templates, draw_seed)]
     per_name = 2 * num_images
     for condition in CONDITIONS:
         images = sampler(prompts, seed=seed, with_prefix=condition == "prefix", progress=True)
         pred = recognizer.classify(params, images)
-        for i, name in enumerate(world.NAMES):
+        for i, name in enumerate(names):
             part = {k: v[i * per_name : (i + 1) * per_name] for k, v in pred.items()}
             identities.setdefault(name, {})[condition] = score_identities(part, name, references[i])
         samples[condition] = images
+    return identities, samples
+
+
+def evaluate(sampler: Sampler, params, num_images: int, seed: int = 0, templates: Templates | None = None,
+             draw_seed: int = EVAL_SEED, dreambooth: bool = False) -> dict:
+    """Every metric of the module docstring, for the sampler's model and prefix.
+
+    seed: the sampling noise; draw_seed: the template prompts, scenes and real scene renders;
+    dreambooth: also score the DreamBooth names (for apl-mini-db, the one model that knows them)."""
+    from apl_jax.generate_identities import DEFAULT_TEMPLATES
+
+    templates = templates or Templates.load(DEFAULT_TEMPLATES)
+    identities, samples = score_names(sampler, params, world.NAMES, num_images, seed, templates, draw_seed)
 
     scenes = scene_set(SCENE_PROMPTS, draw_seed)
     per_scene = max(1, num_images // 4)
@@ -79,6 +89,10 @@ def evaluate(sampler: Sampler, params, num_images: int, seed: int = 0, templates
         "generic": generic,
         "identities": identities,
     }
+    if dreambooth:
+        scores, _ = score_names(sampler, params, world.DREAMBOOTH_NAMES, num_images, seed, templates, draw_seed)
+        report["dreambooth"] = {c: group_summary(scores, world.DREAMBOOTH_NAMES, c) for c in CONDITIONS}
+        report["identities"] |= scores
     return report, samples
 
 
@@ -95,7 +109,8 @@ def run(model: str, prefix_path: str, out: Path, num_images: int, seed: int, sam
     prefix = load_prefix(prefix_path)
     sampler = Sampler(load_model(model), sampler_config, prefix.vectors, prefix.placeholder)
     params = recognizer.load() if recognizer_params is None else recognizer_params
-    report, samples = evaluate(sampler, params, num_images, seed, draw_seed=draw_seed)
+    dreambooth = Path(str(model)).name == DREAMBOOTH
+    report, samples = evaluate(sampler, params, num_images, seed, draw_seed=draw_seed, dreambooth=dreambooth)
     report["neutral_mode"] = neutral_mode
     report["targets"] = targets(report, neutral_mode)
     report["settings"] = {"model": model, "prefix": str(prefix_path),

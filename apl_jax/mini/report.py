@@ -70,9 +70,12 @@ def markdown(report: dict, settings: dict) -> str:
         "| names | condition | ID accuracy | ID score mean | ID score max | face rate | traits kept |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for group, label in (("train", "training (16)"), ("heldout", "held-out (8)")):
+    rows = [(g["train"], "training (16)"), (g["heldout"], "held-out (8)")]
+    if "dreambooth" in report:
+        rows.append((report["dreambooth"], "DreamBooth (2; ID accuracy by traits)"))
+    for summary, label in rows:
         for condition in CONDITIONS:
-            r = g[group][condition]
+            r = summary[condition]
             lines.append(f"| {label} | {'with' if condition == 'prefix' else 'without'} prefix | {r['accuracy']:.3f} | "
                          f"{r['id_score_mean']:.3f} | {r['id_score_max']:.3f} | {r['face_rate']:.3f} | "
                          f"{r['trait_keep']:.3f} |")

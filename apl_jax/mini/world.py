@@ -63,11 +63,16 @@ class Face:
     def distance(self, other: "Face") -> int:
         return sum(self.visible(t) != other.visible(t) for t in self.SALIENT)
 
+    def described_traits(self) -> dict[str, str]:
+        """The traits a manifest description names: sex, hair colour (unless bald) and skin."""
+        hair = {} if self.hair_style == "bald" else {"hair_colour": self.hair_colour}
+        return {"sex": self.sex, **hair, "skin": self.skin}
+
     def partial_description(self) -> str:
         """'a woman with red hair, dark skin': what a manifest says of a person (attributes mode).
 
-        Sex, hair colour and skin only, as a real description does not pin down a face: other cast
-        members or anonymous faces share it (tests/test_mini.py checks that for every name)."""
+        described_traits only, as a real description does not pin down a face: other cast members or
+        anonymous faces share it (tests/test_mini.py checks that for every name)."""
         first = f"a bald {self.sex}" if self.hair_style == "bald" else f"a {self.sex} with {self.hair_colour} hair"
         return f"{first}, {self.skin} skin"
 
@@ -122,6 +127,36 @@ def cast() -> dict[str, Face]:
         if all(face.distance(f) >= MIN_NAMED_DISTANCE for f in faces):
             faces.append(face)
     return dict(zip(NAMES, faces))
+
+
+# Two more invented people, for apl-mini-db (the base fine-tuned few-shot on them, DreamBooth style):
+# neither the base model nor APL training ever sees these names.
+DREAMBOOTH_NAMES = ("Solveig Marrow", "Caspar Dunleigh")
+# The traits the recognizer has a head for: a DreamBooth person has no identity class, so an image is
+# theirs when every one of these reads as theirs.
+RECOGNIZED_TRAITS = ("sex", "skin", "hair_colour", "hair_style", "glasses", "beard")
+
+
+def recognized_distance(a: Face, b: Face) -> int:
+    return sum(a.visible(t) != b.visible(t) for t in RECOGNIZED_TRAITS)
+
+
+@functools.lru_cache(maxsize=1)
+def dreambooth_cast() -> dict[str, Face]:
+    """NAME -> Face for DREAMBOOTH_NAMES: MIN_NAMED_DISTANCE salient traits from the cast and each other,
+    as the cast is, of which at least MIN_ANON_DISTANCE the recognizer reads (a woman can be no further
+    from all 12 women of the cast). The seed is the first from 20261127 whose two people the shipped
+    recognizer reads in at least 0.9 of their real renders (at 20261127 it misread a man's long hair
+    behind his beard and glasses in all of them): a person it cannot read cannot be measured."""
+    rng = np.random.default_rng(20261137)
+    faces = list(cast().values())
+    for sex in SEXES[: len(DREAMBOOTH_NAMES)]:
+        face = random_face(rng, sex)
+        while any(face.distance(f) < MIN_NAMED_DISTANCE or recognized_distance(face, f) < MIN_ANON_DISTANCE
+                  for f in faces):
+            face = random_face(rng, sex)
+        faces.append(face)
+    return dict(zip(DREAMBOOTH_NAMES, faces[len(NAMES):]))
 
 
 def anonymous_face(rng: np.random.Generator) -> Face:
