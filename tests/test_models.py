@@ -91,7 +91,7 @@ def copy_of(saved, tmp_path, kind="flax"):
 
 
 def test_missing_folder(tmp_path):
-    with pytest.raises(UserError, match=r"model folder .*nowhere does not exist \(and .* is not a model name: tiny-random, sd15-random, apl-mini, apl-mini-ft\)"):
+    with pytest.raises(UserError, match=r"model folder .*nowhere does not exist \(and .* is not a model name: tiny-random, sd15-random, apl-mini, apl-mini-db, apl-mini-ft\)"):
         load_model(tmp_path / "nowhere")
 
 
