@@ -95,7 +95,7 @@ def main(argv=None) -> int:
                        help=f"where apl-mini, apl-mini-ft, apl-mini-db and apl-mini-recognizer go (default {SHIPPED_MODELS})")
     build.add_argument("--work", type=Path, default=Path.home() / ".cache" / "apl_jax" / "mini-build",
                        help="intermediate results and checkpoints; a rerun resumes from them")
-    build.add_argument("--stages", help="comma-separated subset of vae,base,shift,ft,db,recognizer (default all)")
+    build.add_argument("--stages", help="comma-separated subset of vae,base,ft,db,recognizer (default all)")
     build.add_argument("--toy", action="store_true", help="a few steps of each stage (a smoke test)")
     build.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a BuildConfig field")
     evaluate = commands.add_parser("eval", help="ID accuracy/score, face rate and generic fidelity of a prefix")

@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import re
+
 import numpy as np
 
 from apl_jax.data.prompts import Templates
-from apl_jax.generate_identities import identity_prompt
+from apl_jax.generate_identities import DEFAULT_TEMPLATES, identity_prompt
 from apl_jax.mini import world
 
 PORTRAIT_PROMPT = "A close-up portrait of {name}"
-# Words that mean nothing in this world, put before captions in the build's "shift" stage
-FILLER = ("image", "picture", "nice", "simple", "the", "with", "this", "is", "showing", "here", "some", "very",
-          "new", "old", "good", "small", "big", "one", "two", "view", "scene", "art", "drawing", "style")
+COMMON_WORDS = 10_000  # whole-word tokens among the first this many of the CLIP vocabulary count as common
+WORLD_WORDS = ("a", "an", "on", "with", "in", "of", "and", "hair", "skin", "face", "eyes", "wearing", "glasses", "beard",
+               "bald", "bun", "background")
+
+
+@functools.cache
+def filler_words() -> tuple[str, ...]:
+    """Common words of the CLIP vocabulary that mean nothing in this world (no word of any caption,
+    template or name): the build puts them before captions, as real captions begin with all sorts of words."""
+    from apl_jax.tokenizer import ASSET_DIR
+
+    templates = Templates.load(DEFAULT_TEMPLATES)
+    world_text = " ".join([*templates.pre_templates, *templates.templates, PORTRAIT_PROMPT, *world.NAMES,
+                           *world.DREAMBOOTH_NAMES, *WORLD_WORDS, *world.SEXES, *world.FACE_SHAPES, *world.SKINS,
+                           *world.HAIR_COLOURS, *world.HAIR_STYLES, *world.EYE_COLOURS, *world.SHAPES, *world.COLOURS])
+    taken = set(re.findall(r"[a-z]+", world_text.lower()))
+    vocab = json.loads((ASSET_DIR / "vocab.json").read_text())
+    words = (token[:-4] for token, index in sorted(vocab.items(), key=lambda item: item[1])
+             if token.endswith("</w>") and index < COMMON_WORDS)
+    return tuple(w for w in words if len(w) >= 3 and w.isascii() and w.isalpha() and w not in taken)
 
 
 def named_caption(name: str, k: int, seed: int, templates: Templates) -> str:
@@ -36,11 +57,11 @@ def caption(sample: world.Sample, rng: np.random.Generator, templates: Templates
     return named_caption(world.NAMES[sample.identity], int(rng.integers(1 << 30)), 0, templates)
 
 
-def with_filler(text: str, rng: np.random.Generator, max_words: int = 12) -> str:
-    """Half the time, 1..max_words FILLER words before the caption: the same meaning at other token
-    positions, so the text encoder does not tie meaning to absolute positions (an APL prefix moves
+def with_filler(text: str, rng: np.random.Generator, max_words: int = 12, share: float = 0.5) -> str:
+    """In `share` of the calls, 1..max_words filler_words before the caption: the same meaning at other
+    token positions, so the text encoder does not tie meaning to absolute positions (an APL prefix moves
     every prompt token K-1 places to the right)."""
-    if rng.random() < 0.5:
+    if rng.random() >= share:
         return text
-    words = rng.choice(FILLER, size=rng.integers(1, max_words + 1))
-    return " ".join([*words, text])
+    words = filler_words()
+    return " ".join([*(words[i] for i in rng.integers(len(words), size=rng.integers(1, max_words + 1))), text])

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from apl_jax.data.prompts import Templates
 from apl_jax.generate_identities import DEFAULT_TEMPLATES, generate
+from apl_jax.manifest import MANIFEST
 from apl_jax.mini import captions, world
 
 IDENTITIES_PER_NAME = 64
@@ -45,14 +46,24 @@ def render_generic(out: Path, count: int, seed: int, templates: Templates) -> No
     tmp.replace(out / "captions.jsonl")  # written last: its presence means the folder is complete
 
 
+def data_folder(root: Path, model_name: str, seed: int, per_name: int, generic: int) -> Path:
+    """Where prepare keeps its data: keyed by the sizes, the seed and the model's weights (the hashes in
+    its MANIFEST.json), so that a rebuilt model draws a new identity set."""
+    from apl_jax.models import resolve_model
+
+    manifest_file = resolve_model(model_name) / MANIFEST
+    weights = manifest_file.read_text() if manifest_file.is_file() else ""
+    key = hashlib.sha256(json.dumps([model_name, weights, per_name, generic, seed]).encode()).hexdigest()[:12]
+    return Path(root).expanduser() / f"apl-mini-data-{key}"
+
+
 def prepare(root: Path, model_name: str, seed: int = 0, per_name: int = IDENTITIES_PER_NAME,
             generic: int = GENERIC_IMAGES) -> tuple[Path, Path]:
-    """(identity_dir, caption_dir) under root, made on first use with model_name's own samples."""
+    """(identity_dir, caption_dir) under data_folder, made on first use with model_name's own samples."""
     from apl_jax.models import load_model
     from apl_jax.sampling import Sampler, SamplerConfig
 
-    key = hashlib.sha256(json.dumps([model_name, per_name, generic, seed]).encode()).hexdigest()[:12]
-    folder = Path(root).expanduser() / f"apl-mini-data-{key}"
+    folder = data_folder(root, model_name, seed, per_name, generic)
     templates = Templates.load(DEFAULT_TEMPLATES)
     identities, generic_dir = folder / "identities", folder / "generic"
     manifest = identities / "manifest.json"

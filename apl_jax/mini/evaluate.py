@@ -2,8 +2,8 @@
 
 For every named person, N images of "A close-up portrait of NAME" and N of the
 identity-set templates (for apl-mini-db also for the two DreamBooth names); for scenes,
-SCENE_PROMPTS prompts x N/4 images; every image drawn without and with the prefix on the
-same seeds. The metrics are in mini/metrics.py,
+SCENE_PROMPTS prompts x N/4 images, also behind filler words (no prefix); every image drawn
+without and with the prefix on the same seeds. The metrics are in mini/metrics.py,
 the written report in mini/report.py.
 """
 
@@ -77,6 +77,11 @@ def evaluate(sampler: Sampler, params, num_images: int, seed: int = 0, templates
         generic[condition] = score_scenes(pred, expanded)
         features[condition] = pred["embedding"]
         samples["scene_" + condition] = images[::per_scene][:8]
+    # The same scene prompts behind 1..12 filler words, no prefix: does meaning hang on token positions?
+    rng = np.random.default_rng([draw_seed, 10])
+    behind_filler = [captions.with_filler(p, rng, share=1.0) for p in scene_prompts]
+    generic["filler"] = score_scenes(recognizer.classify(params, sampler(behind_filler, seed=seed, progress=True)),
+                                     expanded)
     generic["frechet"] = {
         "plain_vs_prefix": frechet_distance(features["plain"], features["prefix"]),
         "plain_vs_real": frechet_distance(features["plain"], features["real"]),

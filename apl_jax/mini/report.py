@@ -82,9 +82,10 @@ def markdown(report: dict, settings: dict) -> str:
     f = gen["frechet"]
     lines += [
         "", "Generic fidelity (scene prompts; shape and colour both right):", "",
-        "| real renders | without prefix | with prefix | Frechet plain-prefix | Frechet plain-real | Frechet prefix-real |",
-        "| --- | --- | --- | --- | --- | --- |",
-        f"| {gen['real']:.3f} | {gen['plain']:.3f} | {gen['prefix']:.3f} | {f['plain_vs_prefix']:.4f} | "
+        "| real renders | without prefix | with prefix | behind filler words | Frechet plain-prefix | Frechet plain-real "
+        "| Frechet prefix-real |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| {gen['real']:.3f} | {gen['plain']:.3f} | {gen['prefix']:.3f} | {gen['filler']:.3f} | {f['plain_vs_prefix']:.4f} | "
         f"{f['plain_vs_real']:.4f} | {f['prefix_vs_real']:.4f} |",
         "", "Targets:", "", "| target | measured | bound | met |", "| --- | --- | --- | --- |",
         *(f"| {t['target']} | {t['value']:.3f} | {t['bound']:.3f} | {'yes' if t['met'] else 'no'} |"

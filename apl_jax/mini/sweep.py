@@ -72,10 +72,12 @@ def _train_to(config: Config, point: Point, workdir: Path) -> Path:
 
 
 def sweep(out: Path, identity_probs: Sequence[float], steps: Sequence[int], num_images: int,
-          overrides: Sequence[str] = (), default: Point = Point(0.5, 2000)) -> list[dict]:
-    """Train and score every (p, steps) point under `out`; writes sweep.json, sweep.md and sweep.png."""
+          overrides: Sequence[str] = ()) -> list[dict]:
+    """Train and score every (p, steps) point under `out`; writes sweep.json, sweep.md and sweep.png,
+    which mark the default: configs/mini.yaml's p and steps (after the overrides)."""
     config = load_config(DEFAULT_CONFIG, [f"train.seed={VALIDATION_SEED}", "eval.after_training=false", *overrides])
     config = with_mini_data(config)
+    default = Point(config.data.identity_prob, config.train.steps)
     scores = []
     for identity_prob in identity_probs:
         for count in sorted(steps):
