@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import re
 
 import numpy as np
@@ -22,15 +21,14 @@ WORLD_WORDS = ("a", "an", "on", "with", "in", "of", "and", "hair", "skin", "face
 def filler_words() -> tuple[str, ...]:
     """Common words of the CLIP vocabulary that mean nothing in this world (no word of any caption,
     template or name): the build puts them before captions, as real captions begin with all sorts of words."""
-    from apl_jax.tokenizer import ASSET_DIR
+    from apl_jax.tokenizer import load_tokenizer
 
     templates = Templates.load(DEFAULT_TEMPLATES)
     world_text = " ".join([*templates.pre_templates, *templates.templates, PORTRAIT_PROMPT, *world.NAMES,
                            *world.DREAMBOOTH_NAMES, *WORLD_WORDS, *world.SEXES, *world.FACE_SHAPES, *world.SKINS,
                            *world.HAIR_COLOURS, *world.HAIR_STYLES, *world.EYE_COLOURS, *world.SHAPES, *world.COLOURS])
     taken = set(re.findall(r"[a-z]+", world_text.lower()))
-    vocab = json.loads((ASSET_DIR / "vocab.json").read_text())
-    words = (token[:-4] for token, index in sorted(vocab.items(), key=lambda item: item[1])
+    words = (token[:-4] for token, index in sorted(load_tokenizer().encoder.items(), key=lambda item: item[1])
              if token.endswith("</w>") and index < COMMON_WORDS)
     return tuple(w for w in words if len(w) >= 3 and w.isascii() and w.isalpha() and w not in taken)
 
