@@ -48,10 +48,10 @@ class TrainConfig:
     learning_rate: float = 1e-3  # the official code's value (its README says 1e-5)
     negative_guidance: float = 1.0  # eta of the objective (docs/design.md)
     grad_accum_steps: int = 1  # >1 wraps the optimizer in optax.MultiSteps
-    # One UNet call on the doubled (neutral + private) batch; false: two calls, so the backward
-    # pass covers only the private half; null: whichever measured faster on the backend in use
-    # (objective.fastest_pass_layout: two calls on CPU, one elsewhere; benchmarks/README.md)
-    fused_unet_passes: bool | None = None
+    # true: one UNet call on the doubled (neutral + private) batch; false: two calls, so the
+    # backward pass covers only the private half, which measured faster on CPU and on an H200
+    # (benchmarks/README.md)
+    fused_unet_passes: bool = False
     # Encode each distinct training image with the VAE once, not every step (see latent_cache.py)
     cache_latents: bool = False
     seed: int = 0

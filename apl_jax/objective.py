@@ -37,14 +37,8 @@ def frozen_inputs(params: dict) -> dict:
     return {**params, "vae": {k: v for k, v in params["vae"].items() if k in ("encoder", "quant_conv")}}
 
 
-def fastest_pass_layout() -> bool:
-    """train.fused_unet_passes' default for the backend in use (benchmarks/README.md): on CPU two UNet
-    calls measured fastest; on GPU one doubled call is the layout measured so far."""
-    return jax.default_backend() != "cpu"
-
-
 def apl_loss(prefix, frozen, batch, keys, *, model: FrozenSD, placeholder_id: int, negative_guidance: float,
-             fused_passes: bool = True):
+             fused_passes: bool = False):
     """mean((e_p - (e_n - eta * (sg(e_p) - e_n)))^2); only `prefix` gets gradients.
 
     `model` supplies the modules only; every array comes in through `frozen`.

@@ -178,13 +178,12 @@ def _train_from(config, workdir, model, frozen, placeholder_id, host_input, opti
     if start_step:
         log.info("resumed from step %d", start_step)
 
-    fused = config.train.fused_unet_passes
     loss_fn = functools.partial(
         objective.apl_loss,
         model=model,
         placeholder_id=placeholder_id,
         negative_guidance=config.train.negative_guidance,
-        fused_passes=objective.fastest_pass_layout() if fused is None else fused,
+        fused_passes=config.train.fused_unet_passes,
     )
     update_fn = parallel.make_update_fn(loss_fn, optimizer, config.train.nan_policy)
     device_state = parallel.replicate(state)

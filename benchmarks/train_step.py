@@ -73,7 +73,7 @@ def jax_worker(args) -> dict:
     prefix = jax.random.uniform(jax.random.PRNGKey(0), (K, model.text_width))
     state = {"params": prefix, "opt_state": optimizer.init(prefix), "step": 0, "rng": jax.random.PRNGKey(0),
              **nonfinite.initial_fields()}  # the NaN guard's counters, as in the trainer's state
-    fused = {"auto": objective.fastest_pass_layout(), "fused": True, "split": False}[args.passes]
+    fused = args.passes == "fused"
     batches = examples(args.resolution, args.warmup + args.steps, args.batch)
     if args.cached_latents:  # what caching the VAE encodings of repeated images would save
         encode = jax.jit(functools.partial(objective.encode_posterior, model))
@@ -204,9 +204,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=1, help="examples per step, both sides (the official code: 1)")
-    parser.add_argument("--passes", default="auto", choices=("auto", "fused", "split"),
-                        help="our step: one doubled UNet call (fused), two calls (split), or the trainer's default for "
-                             "this backend (auto: train.fused_unet_passes unset)")
+    parser.add_argument("--passes", default="split", choices=("fused", "split"),
+                        help="our step: two UNet calls (split, train.fused_unet_passes' default) or one doubled call (fused)")
     parser.add_argument("--remat", action="store_true", help="our step: recompute the UNet blocks' activations (model.remat)")
     parser.add_argument("--cached-latents", action="store_true",
                         help="our step: VAE encodings precomputed (the reference still encodes every step)")
