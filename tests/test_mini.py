@@ -374,7 +374,7 @@ def test_toy_sweep_resumes_reuses_and_plots(short_apl, tmp_path):
     _, cache = short_apl
     (data,) = cache.glob("apl-mini-data-*")
     overrides = [f"data.identity_dir={data / 'identities'}", f"data.caption_dir={data / 'generic'}",
-                 f"data.cache_dir={cache}", "train.batch_size=8", "train.steps=2"]  # the default: p = 0.5, 2 steps
+                 f"data.cache_dir={cache}", "train.batch_size=8", "train.steps=2", "data.identity_prob=0.5"]  # the default
     scores = sweep_module.sweep(tmp_path, [0.5], [2, 1], num_images=1, overrides=overrides)
     assert [(s["identity_prob"], s["steps"]) for s in scores] == [(0.5, 1), (0.5, 2)]
     for s in scores:
@@ -392,3 +392,16 @@ def test_toy_sweep_resumes_reuses_and_plots(short_apl, tmp_path):
     again = sweep_module.sweep(tmp_path, [0.5], [1, 2], num_images=1, overrides=overrides)
     assert again == scores
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # nothing retrained or rescored
+    with pytest.raises(UserError, match="made with --set .*train.steps=2.*choose another --out"):
+        sweep_module.sweep(tmp_path, [0.5], [1], num_images=1, overrides=[*overrides, "train.learning_rate=3e-3"])
+
+
+def test_sweep_marks_the_default_at_the_files_learning_rate_only():
+    from apl_jax.mini.sweep import Point, table
+
+    score = {"identity_prob": 0.5, "steps": 2, "id_accuracy_train": 0.5, "id_accuracy_heldout": 0.25,
+             "base_id_accuracy_train": 1.0, "scene_accuracy": 0.9, "base_scene_accuracy": 0.95, "face_rate": 1.0}
+    default = Point(0.5, 2, 3e-3)
+    assert "| 0.5 (default) | 2 | 0.003 | 0.500 (base 1.000) | 0.250 | 0.900 (0.950) | 1.000 |" in table(
+        [{**score, "learning_rate": 3e-3}], default)
+    assert "(default)" not in table([{**score, "learning_rate": 1e-3}], default)

@@ -26,6 +26,7 @@ from typing import Sequence
 import matplotlib
 
 from apl_jax.config import PROJECT_DIR, Config, load_config
+from apl_jax.errors import UserError
 from apl_jax.mini.data import with_mini_data
 from apl_jax.mini.evaluate import run
 from apl_jax.sampling import SamplerConfig
@@ -43,6 +44,7 @@ VALIDATION_DRAW = 2  # prompt and scene draws (the evaluation's are metrics.EVAL
 class Point:
     identity_prob: float
     steps: int
+    learning_rate: float
 
     @property
     def name(self) -> str:
@@ -51,7 +53,7 @@ class Point:
 
 def point_score(report: dict, point: Point) -> dict:
     g, generic = report["groups"], report["generic"]
-    return {"identity_prob": point.identity_prob, "steps": point.steps,
+    return {"identity_prob": point.identity_prob, "steps": point.steps, "learning_rate": point.learning_rate,
             "id_accuracy_train": g["train"]["prefix"]["accuracy"], "id_accuracy_heldout": g["heldout"]["prefix"]["accuracy"],
             "base_id_accuracy_train": g["train"]["plain"]["accuracy"],
             "scene_accuracy": generic["prefix"], "base_scene_accuracy": generic["plain"],
@@ -74,14 +76,16 @@ def _train_to(config: Config, point: Point, workdir: Path) -> Path:
 def sweep(out: Path, identity_probs: Sequence[float], steps: Sequence[int], num_images: int,
           overrides: Sequence[str] = ()) -> list[dict]:
     """Train and score every (p, steps) point under `out`; writes sweep.json, sweep.md and sweep.png,
-    which mark the default: configs/mini.yaml's p and steps (after the overrides)."""
+    which mark the default: configs/mini.yaml's p and steps (after the overrides) at the file's own
+    learning rate, so a sweep at another one (--set train.learning_rate=...) marks none."""
     config = load_config(DEFAULT_CONFIG, [f"train.seed={VALIDATION_SEED}", "eval.after_training=false", *overrides])
     config = with_mini_data(config)
-    default = Point(config.data.identity_prob, config.train.steps)
+    _check_same_overrides(out, list(overrides))
+    default = Point(config.data.identity_prob, config.train.steps, load_config(DEFAULT_CONFIG).train.learning_rate)
     scores = []
     for identity_prob in identity_probs:
         for count in sorted(steps):
-            point = Point(identity_prob, count)
+            point = Point(identity_prob, count, config.train.learning_rate)
             scored = out / point.name / f"eval-{count}" / "report.json"
             if not scored.is_file():
                 prefix = _train_to(config, point, out / point.name)
@@ -94,12 +98,25 @@ def sweep(out: Path, identity_probs: Sequence[float], steps: Sequence[int], num_
     return scores
 
 
+def _is_default(score: dict, default: Point) -> bool:
+    return (score["identity_prob"], score["steps"], score["learning_rate"]) == dataclasses.astuple(default)
+
+
+def _check_same_overrides(out: Path, overrides: list[str]) -> None:
+    """Scores and prefixes are reused by path alone, so a folder keeps the --set values it was made with."""
+    record = out / "sweep-overrides.json"
+    if record.is_file() and (made_with := json.loads(record.read_text())) != overrides:
+        raise UserError(f"{out} holds a sweep made with --set {made_with or 'nothing'}, not {overrides or 'nothing'}: "
+                        "its prefixes and scores would be reused as if they matched; choose another --out")
+    record.write_text(json.dumps(overrides))
+
+
 def table(scores: list[dict], default: Point) -> str:
-    lines = ["| p (identity share) | steps | ID accuracy, training names | ID accuracy, held-out | scene accuracy (without: base) | face rate |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| p (identity share) | steps | learning rate | ID accuracy, training names | ID accuracy, held-out | scene accuracy (without: base) | face rate |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in scores:
-        mark = " (default)" if (s["identity_prob"], s["steps"]) == (default.identity_prob, default.steps) else ""
-        lines.append(f"| {s['identity_prob']:g}{mark} | {s['steps']} | {s['id_accuracy_train']:.3f} (base "
+        mark = " (default)" if _is_default(s, default) else ""
+        lines.append(f"| {s['identity_prob']:g}{mark} | {s['steps']} | {s['learning_rate']:g} | {s['id_accuracy_train']:.3f} (base "
                      f"{s['base_id_accuracy_train']:.3f}) | {s['id_accuracy_heldout']:.3f} | {s['scene_accuracy']:.3f} "
                      f"({s['base_scene_accuracy']:.3f}) | {s['face_rate']:.3f} |")
     return "\n".join(lines) + "\n"
@@ -117,7 +134,7 @@ def plot(scores: list[dict], default: Point, path: Path) -> None:
         for s in row:
             ax.annotate(f"{s['steps']}", (s["scene_accuracy"], s["id_accuracy_train"]), fontsize=7,
                         textcoords="offset points", xytext=(4, 4))
-    chosen = [s for s in scores if (s["identity_prob"], s["steps"]) == (default.identity_prob, default.steps)]
+    chosen = [s for s in scores if _is_default(s, default)]
     if chosen:
         ax.plot(chosen[0]["scene_accuracy"], chosen[0]["id_accuracy_train"], "*", markersize=18, markerfacecolor="none",
                 markeredgecolor="red", label=f"default (p = {default.identity_prob:g}, {default.steps} steps)")
@@ -126,7 +143,7 @@ def plot(scores: list[dict], default: Point, path: Path) -> None:
     ax.axhline(base["base_id_accuracy_train"] / 10, color="grey", linestyle="--", label="ID target (base / 10)")
     ax.set_xlabel("scene accuracy with the prefix (higher: ordinary prompts kept)")
     ax.set_ylabel("ID accuracy with the prefix, training names (lower: anonymized)")
-    ax.set_title("APL-mini trade-off (validation draw)", fontsize=10)
+    ax.set_title(f"APL-mini trade-off (validation draw, learning rate {scores[0]['learning_rate']:g})", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
