@@ -105,10 +105,11 @@ def _is_default(score: dict, default: Point) -> bool:
 def _check_same_overrides(out: Path, overrides: list[str]) -> None:
     """Scores and prefixes are reused by path alone, so a folder keeps the --set values it was made with."""
     record = out / "sweep-overrides.json"
-    if record.is_file() and (made_with := json.loads(record.read_text())) != overrides:
+    if not record.is_file():
+        record.write_text(json.dumps(overrides))
+    elif (made_with := json.loads(record.read_text())) != overrides:
         raise UserError(f"{out} holds a sweep made with --set {made_with or 'nothing'}, not {overrides or 'nothing'}: "
                         "its prefixes and scores would be reused as if they matched; choose another --out")
-    record.write_text(json.dumps(overrides))
 
 
 def table(scores: list[dict], default: Point) -> str:
