@@ -247,7 +247,7 @@ def main() -> None:
 
 def report(args, results: dict) -> None:
     fused = results["jax"]["fused"] if "jax" in results else args.passes == "fused"
-    passes = ("one doubled UNet call" if fused else "two UNet calls") + (", the default here" if args.passes == "auto" else "")
+    passes = ("one doubled UNet call" if fused else "two UNet calls") + ("" if fused else ", the default")
     cached = ", our VAE encodings cached" if args.cached_latents else ""
     cached += ", our UNet blocks rematerialised" if args.remat else ""
     print(f"config={args.config} dtype={args.dtype} batch={args.batch} per step ({passes}{cached}), median of {args.steps} steps "
