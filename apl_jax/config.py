@@ -21,7 +21,7 @@ from apl_jax.preflight import MAX_SEED
 # The project folder: shipped files (configs/...) resolve from here, not from the current folder.
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_TEMPLATES = str(PROJECT_DIR / "configs" / "data" / "templates.yaml")
-NEUTRAL_MODES = ("empty", "attributes")  # the identity neutral prompt: official empty, or the description
+NEUTRAL_MODES = ("empty", "prompt", "attributes")  # the identity neutral prompt: official empty, a fixed text, or the description
 NAN_POLICIES = ("stop", "skip")
 
 
@@ -69,7 +69,13 @@ class DataConfig:
     identity_dir: str | None = None  # face images + manifest, or <Name>-<idx>.png files (source folders)
     caption_dir: str | None = None  # images + captions.jsonl or prompts.txt (source folders)
     identity_prob: float = 0.5  # chance that an example is an identity one, else generic
-    neutral_mode: str = "empty"  # identity neutral prompt: empty (official) | attributes (manifest descriptions)
+    neutral_mode: str = "empty"  # identity neutral prompt: empty (official) | prompt (neutral_prompt) | attributes (manifest descriptions)
+    # The neutral prompt of neutral_mode=prompt: an anonymous person, so the prefix keeps the face and
+    # drops only who it is (the empty prompt's target is the unconditional picture, often no face at all).
+    neutral_prompt: str = "a photo of a person"
+    # true: identity private prompts "alz PRE NAME TEMPLATE" in every mode (the official template_enabled,
+    # off there), so the prefix also learns the name inside a sentence, as users will write it
+    private_templates: bool = False
     resolution: int = 32
     templates: str = DEFAULT_TEMPLATES  # the project's own file, wherever train.py runs from
     cache_dir: str = "~/.cache/apl_jax/datasets"  # built array_record datasets, one folder per source fingerprint

@@ -58,10 +58,10 @@ def make_input(config: Config, model: FrozenSD) -> HostInput:
                             config.train.batch_size, *host_range, num_vectors=config.prefix.num_vectors)
     if data.source != "synthetic":
         raise UserError(f"data.source must be 'synthetic' or 'folders', got {data.source!r}")
-    if data.identity_dir or data.caption_dir or data.neutral_mode != "empty":
+    if data.identity_dir or data.caption_dir or data.neutral_mode != "empty" or data.private_templates:
         # Don't let a forgotten data.source=folders train on synthetic data.
-        raise UserError("data.identity_dir, data.caption_dir and data.neutral_mode only apply to data.source=folders; "
-                        "add --set data.source=folders")
+        raise UserError("data.identity_dir, data.caption_dir, data.neutral_mode and data.private_templates only apply "
+                        "to data.source=folders; add --set data.source=folders")
     examples = SyntheticExamples(
         model.tokenizer, config.prefix.placeholder, Templates.load(data.templates),
         num_vectors=config.prefix.num_vectors, resolution=data.resolution, identity_prob=data.identity_prob,

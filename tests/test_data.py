@@ -170,6 +170,8 @@ GENERIC = {0: ("alz a blue house", "a blue house"), 1: ("alz a green dog", "a gr
 EXPECTED_PROMPTS = {
     "empty": {**GENERIC, 2: ("alz Bob Jones", ""), 5: ("alz Bob Jones", ""), 6: ("alz Alice Smith", ""),
               7: ("alz Bob Jones", "")},
+    "prompt": {**GENERIC, 2: ("alz Bob Jones", "a photo of a person"), 5: ("alz Bob Jones", "a photo of a person"),
+               6: ("alz Alice Smith", "a photo of a person"), 7: ("alz Bob Jones", "a photo of a person")},
     "attributes": {
         **GENERIC,
         2: ("alz A close-up photo of Bob Jones in the street",
@@ -183,13 +185,20 @@ EXPECTED_PROMPTS = {
 }
 
 
-@pytest.mark.parametrize("neutral_mode", ["empty", "attributes"])
+@pytest.mark.parametrize("neutral_mode", ["empty", "prompt", "attributes"])
 def test_exact_prompts_for_a_fixed_seed(built, tokenizer, neutral_mode):
     data, identity, captions = built
     examples = FolderExamples(identity, captions, tokenizer, "alz", Templates.load(data.templates),
-                              identity_prob=0.5, neutral_mode=neutral_mode, seed=0)
+                              identity_prob=0.5, neutral_mode=neutral_mode, seed=0,
+                              neutral_prompt=data.neutral_prompt)
     prompts = [examples.prompts(g)[1:] for g in range(8)]
     assert prompts == [EXPECTED_PROMPTS[neutral_mode][g] for g in range(8)]
+    if neutral_mode == "prompt":  # private templates: the attributes mode's draws, the fixed neutral prompt
+        templated = FolderExamples(identity, captions, tokenizer, "alz", Templates.load(data.templates),
+                                   identity_prob=0.5, neutral_mode="prompt", seed=0,
+                                   neutral_prompt="a face", private_templates=True)
+        assert [templated.prompts(g)[1:] for g in range(8)] == [
+            (EXPECTED_PROMPTS["attributes"][g][0], "a face" if g in (2, 5, 6, 7) else GENERIC[g][1]) for g in range(8)]
     example = examples.example(3)
     np.testing.assert_array_equal(example["private_ids"], tokenize(tokenizer, [prompts[3][0]])[0])
     np.testing.assert_array_equal(example["neutral_ids"], tokenize(tokenizer, [prompts[3][1]])[0])
@@ -311,11 +320,15 @@ def test_all_images_unreadable_is_an_error(tmp_path):
     (["data.source=folders", "data.caption_dir=/x"], r"data.identity_prob=0.5 needs data.identity_dir"),
     (["data.source=folders", "data.identity_dir=/x"], r"data.identity_prob=0.5 needs data.caption_dir"),
     (["data.source=folders", "data.identity_dir=/x", "data.caption_dir=/y", "data.neutral_mode=attr"],
-     r"data.neutral_mode must be one of empty, attributes, got 'attr'"),
+     r"data.neutral_mode must be one of empty, prompt, attributes, got 'attr'"),
+    (["data.source=folders", "data.identity_dir=/x", "data.caption_dir=/y", "data.neutral_mode=prompt",
+      "data.neutral_prompt=''"], r"data.neutral_mode=prompt needs a data.neutral_prompt \(for the empty one, use "
+                                r"data.neutral_mode=empty\)"),
     (["data.source=folders", "data.identity_dir=/nope", "data.identity_prob=1"],
      r"data.identity_dir: folder /nope does not exist"),
     (["data.source=files"], r"config key data.source must be one of synthetic, folders, got 'files'"),
     (["data.identity_dir=/x"], r"only apply to data.source=folders; add --set data.source=folders"),
+    (["data.private_templates=true"], r"data.private_templates only apply to data.source=folders"),
 ])
 def test_bad_data_config(overrides, message):
     model = SimpleNamespace(vae_scale_factor=4, tokenizer=None)  # all make_input reads before these errors

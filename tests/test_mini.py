@@ -256,9 +256,10 @@ def test_targets_follow_the_issue_per_mode():
         "prefix ID accuracy (train) <= base/10": True, "prefix ID accuracy (heldout) <= base/5": False,
         "face rate with prefix >= 0.90": True, "generic accuracy with prefix >= 0.95 x without": True,
     }
-    # An empty-mode prefix is not asked to keep the traits (its neutral prompt names none); an
+    # An empty- or prompt-mode prefix is not asked to keep the traits (its neutral prompt names none); an
     # attributes-mode one asks for a look-alike, so training names are held to base/5 there.
     assert {t["target"]: t["met"] for t in metrics.targets(report, "empty")} == shared
+    assert {t["target"]: t["met"] for t in metrics.targets(report, "prompt")} == shared  # a face, but not a look-alike
     attributes = {t["target"]: t["met"] for t in metrics.targets(report, "attributes")}
     assert attributes == {**{k: v for k, v in shared.items() if "(train) <= base/10" not in k},
                           "prefix ID accuracy (train) <= base/5": True, "traits kept with prefix >= 0.80": False}

@@ -51,11 +51,13 @@ class FolderExamples:
     """Random access to the APL example stream over the built datasets: example g is a function of (seed, g)."""
 
     def __init__(self, identity: Sequence[dict] | None, captions: Sequence[dict] | None, tokenizer, placeholder: str,
-                 templates: Templates, *, identity_prob: float, neutral_mode: str, seed: int, num_vectors: int = 1):
+                 templates: Templates, *, identity_prob: float, neutral_mode: str, seed: int, num_vectors: int = 1,
+                 neutral_prompt: str = "", private_templates: bool = False):
         self.identity = ShuffledForever(identity, seed, 1) if identity is not None else None
         self.captions = ShuffledForever(captions, seed, 2) if captions is not None else None
         self.tokenizer, self.placeholder, self.templates = tokenizer, placeholder, templates
-        self.identity_prob, self.neutral_mode, self.seed = identity_prob, neutral_mode, seed
+        self.identity_prob, self.seed = identity_prob, seed
+        self.neutral_mode, self.neutral_prompt, self.private_templates = neutral_mode, neutral_prompt, private_templates
         self.prefix_extra = num_vectors - 1  # tokens the prefix adds at the placeholder (for the too-long warning)
 
     def prompts(self, index: int) -> tuple[dict[str, Any], str, str]:
@@ -64,7 +66,8 @@ class FolderExamples:
         if rng.random() < self.identity_prob:
             record = self.identity[index]
             private, neutral = identity_pair(record["name"].decode(), self.placeholder, rng, self.templates,
-                                             self.neutral_mode, record["attribute"].decode())
+                                             self.neutral_mode, record["attribute"].decode(), self.neutral_prompt,
+                                             self.private_templates)
         else:
             record = self.captions[index]
             private, neutral = generic_pair(record["caption"].decode(), self.placeholder)
@@ -134,6 +137,8 @@ def check_data_config(data: DataConfig) -> None:
     """Refuse settings that cannot work before anything is scanned or built."""
     if data.neutral_mode not in NEUTRAL_MODES:
         raise UserError(f"data.neutral_mode must be one of {', '.join(NEUTRAL_MODES)}, got {data.neutral_mode!r}")
+    if data.neutral_mode == "prompt" and not data.neutral_prompt.strip():
+        raise UserError("data.neutral_mode=prompt needs a data.neutral_prompt (for the empty one, use data.neutral_mode=empty)")
     if not 0 <= data.identity_prob <= 1:
         raise UserError(f"data.identity_prob must be in [0, 1], got {data.identity_prob}")
     if data.identity_prob > 0 and not data.identity_dir:
@@ -172,5 +177,6 @@ def folder_input(data: DataConfig, tokenizer, placeholder: str, seed: int, globa
     identity, captions = load_datasets(data)
     examples = FolderExamples(identity, captions, tokenizer, placeholder, Templates.load(data.templates),
                               identity_prob=data.identity_prob, neutral_mode=data.neutral_mode, seed=seed,
-                              num_vectors=num_vectors)
+                              num_vectors=num_vectors, neutral_prompt=data.neutral_prompt,
+                              private_templates=data.private_templates)
     return StreamInput(examples, global_batch, host_first, host_count, threads=data.loader_threads)

@@ -2,6 +2,9 @@
 
 - identity, neutral mode "empty" (official default): private = "alz NAME", neutral = "".
   (The official code draws a pre-template here but only uses it with templates on.)
+- identity, neutral mode "prompt" (ours): private = "alz NAME", neutral = data.neutral_prompt.
+- with data.private_templates (the official template_enabled), private = "alz PRE NAME TEMPLATE" in
+  every mode.
 - identity, neutral mode "attributes": private = "alz PRE NAME TEMPLATE",
   neutral = "PRE ATTR_FIRST TEMPLATE, ATTR_REST" where ATTR splits at its first comma.
 - generic: private = "alz CAPTION", neutral = CAPTION.
@@ -38,17 +41,26 @@ class Templates:
 
 
 def identity_pair(name: str, placeholder: str, rng: np.random.Generator, templates: Templates,
-                  neutral_mode: str = "empty", attribute: str | None = None) -> tuple[str, str]:
-    if neutral_mode == "empty":
-        return f"{placeholder} {name}", ""
-    if neutral_mode != "attributes":
+                  neutral_mode: str = "empty", attribute: str | None = None, neutral_prompt: str = "",
+                  private_templates: bool = False) -> tuple[str, str]:
+    """private_templates: "alz PRE NAME TEMPLATE" in every mode (the official template_enabled); attributes
+    mode always has them, since its neutral prompt is joined with the same ones."""
+    if neutral_mode not in NEUTRAL_MODES:
         raise UserError(f"data.neutral_mode must be one of {NEUTRAL_MODES}, got {neutral_mode!r}")
-    if not attribute:
+    if neutral_mode == "attributes" and not attribute:
         raise UserError(f"neutral_mode 'attributes' needs an attribute description for {name!r}")
-    pre = templates.pre_templates[rng.integers(len(templates.pre_templates))]
-    template = templates.templates[rng.integers(len(templates.templates))]
+    if neutral_mode == "attributes" or private_templates:
+        pre = templates.pre_templates[rng.integers(len(templates.pre_templates))]
+        template = templates.templates[rng.integers(len(templates.templates))]
+        private = f"{placeholder} {pre}{name} {template}"
+    else:
+        private = f"{placeholder} {name}"
+    if neutral_mode == "empty":
+        return private, ""
+    if neutral_mode == "prompt":
+        return private, neutral_prompt
     first, _, rest = attribute.partition(",")
-    return f"{placeholder} {pre}{name} {template}", f"{pre}{first} {template}, {rest.strip()}"
+    return private, f"{pre}{first} {template}, {rest.strip()}"
 
 
 def generic_pair(caption: str, placeholder: str) -> tuple[str, str]:
