@@ -66,8 +66,9 @@ class FolderExamples:
         if rng.random() < self.identity_prob:
             record = self.identity[index]
             private, neutral = identity_pair(record["name"].decode(), self.placeholder, rng, self.templates,
-                                             self.neutral_mode, record["attribute"].decode(), self.neutral_prompt,
-                                             self.private_templates)
+                                             neutral_mode=self.neutral_mode, attribute=record["attribute"].decode(),
+                                             neutral_prompt=self.neutral_prompt,
+                                             private_templates=self.private_templates)
         else:
             record = self.captions[index]
             private, neutral = generic_pair(record["caption"].decode(), self.placeholder)
