@@ -34,7 +34,10 @@ log = logging.getLogger(__name__)
 UNREADABLE = (ValueError, OSError, KeyError, json.JSONDecodeError)
 
 # Config keys that fix the shapes of the saved state; the rest (steps, logging...) may change on resume.
-STRUCTURAL_KEYS = (("model", "path"), ("prefix", "num_vectors"), ("prefix", "placeholder"), ("train", "grad_accum_steps"))
+STRUCTURAL_KEYS = (("model", "path"), ("prefix", "num_vectors"), ("prefix", "placeholder"), ("train", "grad_accum_steps"),
+                   ("train", "lr_schedule"))
+# What a checkpoint written before a structural key existed was trained with.
+BEFORE_THE_KEY = {("train", "lr_schedule"): "constant"}
 
 
 class _Corrupt(Exception):
@@ -152,8 +155,11 @@ class Checkpointer:
         self.manager.reload()
 
     def _check_compatible(self, saved: dict[str, Any], where: storage.AnyPath) -> None:
-        for section, key in STRUCTURAL_KEYS:
-            old, new = saved.get(section, {}).get(key), self.config[section][key]
+        keys = STRUCTURAL_KEYS
+        if self.config["train"]["lr_schedule"] != "constant":  # a decaying rate ends at train.steps
+            keys += (("train", "steps"),)
+        for section, key in keys:
+            old, new = saved.get(section, {}).get(key, BEFORE_THE_KEY.get((section, key))), self.config[section][key]
             if old != new:
                 raise UserError(
                     f"checkpoint {where} was written with {section}.{key}={old!r}, this run has {new!r}: "

@@ -23,6 +23,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_TEMPLATES = str(PROJECT_DIR / "configs" / "data" / "templates.yaml")
 NEUTRAL_MODES = ("empty", "prompt", "attributes")  # the identity neutral prompt: official empty, a fixed text, or the description
 NAN_POLICIES = ("stop", "skip")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass
@@ -46,6 +47,9 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 8  # global: per-device batch x device count (x processes)
     learning_rate: float = 1e-3  # the official code's value (its README says 1e-5)
+    # constant (official) | cosine: from learning_rate down to 0 at train.steps, so the prefix settles
+    # instead of ending on a full-size Adam step
+    lr_schedule: str = "constant"
     negative_guidance: float = 1.0  # eta of the objective (docs/design.md)
     grad_accum_steps: int = 1  # >1 wraps the optimizer in optax.MultiSteps
     # true: one UNet call on the doubled (neutral + private) batch; false: two calls, so the
@@ -148,6 +152,7 @@ RANGES = {
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "train.nan_policy": NAN_POLICIES,
+    "train.lr_schedule": LR_SCHEDULES,
     "data.source": ("synthetic", "folders"),
     "data.neutral_mode": NEUTRAL_MODES,
 }

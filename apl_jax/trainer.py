@@ -40,8 +40,21 @@ class TrainResult:
     prefix_file: storage.AnyPath | None  # DIR/prefix.safetensors of a finished run (process 0 wrote it)
 
 
+def learning_rate(config: TrainConfig) -> optax.ScalarOrSchedule:
+    """config.learning_rate, or a schedule of the optimizer's update count (one per grad_accum_steps steps)."""
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    return optax.cosine_decay_schedule(config.learning_rate, max(1, config.steps // config.grad_accum_steps))
+
+
+def learning_rate_at(config: TrainConfig, step: int) -> float:
+    """The rate of the update made by step `step` (1-based); under MultiSteps, of the update it accumulates into."""
+    rate = learning_rate(config)
+    return float(rate((step - 1) // config.grad_accum_steps) if callable(rate) else rate)
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    optimizer = optax.adam(config.learning_rate)
+    optimizer = optax.adam(learning_rate(config))
     if config.grad_accum_steps > 1:
         optimizer = optax.MultiSteps(optimizer, every_k_schedule=config.grad_accum_steps)
     return optimizer
@@ -241,7 +254,7 @@ def _loop(config, step_fn, device_state, frozen, batch, host_input, checkpointer
                 rate = (step - tic_step) / (time.perf_counter() - tic)
                 tic, tic_step = time.perf_counter(), step
                 metrics_log.log({"step": step, "loss": loss, "grad_norm": float(values["grad_norm"]), "steps_per_s": rate,
-                                 "learning_rate": config.train.learning_rate,
+                                 "learning_rate": learning_rate_at(config.train, step),
                                  "skipped_steps": int(values["skipped_steps"])})
                 bar.set_postfix(loss=f"{loss:.4g}", steps_s=f"{rate:.2f}")
             # Every process sees the same values (they are device-averaged), so all stop at the same step.

@@ -64,6 +64,7 @@ def test_every_numeric_key_has_a_range():
     ("train.seed=-1", "config key train.seed must be in [0, 4294967295], got -1"),
     (f"train.seed={2**64}", f"config key train.seed must be in [0, 4294967295], got {2**64}"),
     ("train.nan_policy=ignore", "config key train.nan_policy must be one of stop, skip, got 'ignore'"),
+    ("train.lr_schedule=linear", "config key train.lr_schedule must be one of constant, cosine, got 'linear'"),
     ("data.resolution=0", "config key data.resolution must be >= 8, got 0"),
     ("data.identity_prob=1.5", "config key data.identity_prob must be in [0, 1], got 1.5"),
     ("data.source=files", "config key data.source must be one of synthetic, folders, got 'files'"),

@@ -371,7 +371,8 @@ def test_train_py_defaults_to_apl_mini(tmp_path):
 
 
 def test_toy_sweep_resumes_reuses_and_plots(short_apl, tmp_path):
-    """Two points of one identity share: the 2-step run resumes the 1-step one; a rerun trains and samples nothing."""
+    """Two points of one identity share: the 2-step run resumes the 1-step one; a rerun trains and samples nothing;
+    under a cosine schedule each count trains from the start."""
     from apl_jax.mini import sweep as sweep_module
 
     _, cache = short_apl
@@ -398,13 +399,23 @@ def test_toy_sweep_resumes_reuses_and_plots(short_apl, tmp_path):
     with pytest.raises(UserError, match="made with --set .*train.steps=2.*choose another --out"):
         sweep_module.sweep(tmp_path, [0.5], [1], num_images=1, overrides=[*overrides, "train.learning_rate=3e-3"])
 
+    # A decaying rate ends at the step count, so under cosine each count trains from the start.
+    (tmp_path / "cosine").mkdir()
+    cosine = sweep_module.sweep(tmp_path / "cosine", [0.5], [1, 2], num_images=1, overrides=[*overrides, "train.lr_schedule=cosine"])
+    runs = tmp_path / "cosine" / "p-0.5"
+    assert [[json.loads(line)["step"] for line in (runs / f"steps-{n}" / "metrics.jsonl").read_text().splitlines()]
+            for n in (1, 2)] == [[1], [1, 2]]
+    assert [s["lr_schedule"] for s in cosine] == ["cosine", "cosine"]
+    assert "(default)" not in (tmp_path / "cosine" / "sweep.md").read_text()  # the shipped schedule is constant
 
-def test_sweep_marks_the_default_at_the_files_learning_rate_only():
+
+def test_sweep_marks_the_default_at_the_files_learning_rate_and_schedule_only():
     from apl_jax.mini.sweep import Point, table
 
     score = {"identity_prob": 0.5, "steps": 2, "id_accuracy_train": 0.5, "id_accuracy_heldout": 0.25,
              "base_id_accuracy_train": 1.0, "scene_accuracy": 0.9, "base_scene_accuracy": 0.95, "face_rate": 1.0}
-    default = Point(0.5, 2, 3e-3)
+    default = Point(0.5, 2, 3e-3, "constant")
     assert "| 0.5 (default) | 2 | 0.003 | 0.500 (base 1.000) | 0.250 | 0.900 (0.950) | 1.000 |" in table(
-        [{**score, "learning_rate": 3e-3}], default)
-    assert "(default)" not in table([{**score, "learning_rate": 1e-3}], default)
+        [{**score, "learning_rate": 3e-3, "lr_schedule": "constant"}], default)
+    assert "(default)" not in table([{**score, "learning_rate": 1e-3, "lr_schedule": "constant"}], default)
+    assert "| 0.5 | 2 | 0.003 cosine | 0.500" in table([{**score, "learning_rate": 3e-3, "lr_schedule": "cosine"}], default)

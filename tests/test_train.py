@@ -151,15 +151,48 @@ def test_no_intact_checkpoint_is_an_error(straight, tmp_path):
     assert not (workdir / "corrupt-checkpoints").exists()  # nothing is moved when nothing can be restored
 
 
+def test_cosine_schedule_decays_each_update():
+    """Adam on a constant gradient moves each element by the rate itself, so the updates show the schedule."""
+    from apl_jax.config import TrainConfig
+    from apl_jax.trainer import learning_rate_at, make_optimizer
+
+    cosine = [0.01 * 0.5 * (1 + np.cos(np.pi * k / 4)) for k in range(4)]
+    optimizer = make_optimizer(TrainConfig(steps=4, learning_rate=0.01, lr_schedule="cosine"))
+    params = np.zeros(3, np.float32)
+    state = optimizer.init(params)
+    for rate in cosine:
+        update, state = optimizer.update(np.ones(3, np.float32), state, params)
+        np.testing.assert_allclose(update, -rate, rtol=1e-5, atol=1e-9)
+    accumulated = TrainConfig(steps=8, learning_rate=0.01, lr_schedule="cosine", grad_accum_steps=2)
+    np.testing.assert_allclose([learning_rate_at(accumulated, s) for s in range(1, 9)], np.repeat(cosine, 2), rtol=1e-6)
+    assert learning_rate_at(TrainConfig(steps=8, learning_rate=0.01), 8) == 0.01
+
+
+def test_cosine_run_logs_its_rate_and_resumes_only_to_its_end(tmp_path):
+    cosine = ("train.lr_schedule=cosine", "train.learning_rate=0.01")
+    assert train(config("train.steps=4", *cosine), tmp_path).step == 4
+    rates = [json.loads(line)["learning_rate"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(rates, [0.01 * 0.5 * (1 + np.cos(np.pi * k / 4)) for k in range(4)], rtol=1e-6)
+    with pytest.raises(UserError) as raised:  # the decay ended at step 4: more steps would not be the same schedule
+        train(config("train.steps=6", *cosine), tmp_path)
+    assert str(raised.value) == f"checkpoint {tmp_path}/checkpoints/4 was written with train.steps=4, this run has 6: " \
+                                "use another --workdir, or set train.steps=4 to resume"
+    with pytest.raises(UserError, match="was written with train.lr_schedule='cosine', this run has 'constant'"):
+        train(config("train.steps=6"), tmp_path)
+
+
 def test_checkpoint_from_before_the_nan_guard_restores_with_zero_counters(tmp_path):
-    """Runs saved before train.nan_policy existed have no guard counters; they must still resume."""
+    """Runs saved before train.nan_policy existed have no guard counters, nor (before train.lr_schedule) a
+    schedule in their config; they must still resume."""
     from apl_jax.models import tiny_random
     from apl_jax.nonfinite import FIELDS
     from apl_jax.trainer import initial_state, make_optimizer
 
     template = jax.device_get(initial_state(config(), tiny_random(), make_optimizer(config().train)))  # train()'s
     old_state = {k: v for k, v in template.items() if k not in FIELDS} | {"step": np.int32(4)}
-    with Checkpointer(tmp_path, 3, config().to_dict()) as old_run:
+    old_config = config().to_dict()
+    del old_config["train"]["lr_schedule"]
+    with Checkpointer(tmp_path, 3, old_config) as old_run:
         old_run.save(old_state, {"next_example": 8})
     with Checkpointer(tmp_path, 3, config().to_dict()) as new_run:
         restored, position = new_run.restore(template)
@@ -194,7 +227,7 @@ def test_cli_user_errors_are_one_line(tmp_path):
     done = run_train(tmp_path, "train.stepz=3")
     assert done.returncode == 2
     assert done.stderr.strip() == "error: unknown config key train.stepz; known keys here: " \
-        "steps, batch_size, learning_rate, negative_guidance, grad_accum_steps, fused_unet_passes, cache_latents, seed, "\
+        "steps, batch_size, learning_rate, lr_schedule, negative_guidance, grad_accum_steps, fused_unet_passes, cache_latents, seed, "\
         "checkpoint_every, keep_checkpoints, log_every, nan_policy"
     done = run_train(tmp_path, "model.path=/no/such/model")
     assert done.returncode == 2

@@ -11,7 +11,8 @@ out (tests/test_objective.py), so every η trains the same prefix up to Adam's e
 
 Each p trains in its own workdir; a longer step count resumes the shorter one's checkpoint (the
 trainer's resume is bitwise, so this is the same prefix as a straight run) and each step count's
-prefix is kept as prefix-<steps>.safetensors. Finished prefixes and their scores are reused, so an
+prefix is kept as prefix-<steps>.safetensors. Under train.lr_schedule=cosine the rate's decay ends
+at the step count, so each count trains from the start in a workdir of its own (steps-<count>). Finished prefixes and their scores are reused, so an
 interrupted sweep picks up where it stopped.
 """
 
@@ -45,6 +46,7 @@ class Point:
     identity_prob: float
     steps: int
     learning_rate: float
+    lr_schedule: str
 
     @property
     def name(self) -> str:
@@ -54,6 +56,7 @@ class Point:
 def point_score(report: dict, point: Point) -> dict:
     g, generic = report["groups"], report["generic"]
     return {"identity_prob": point.identity_prob, "steps": point.steps, "learning_rate": point.learning_rate,
+            "lr_schedule": point.lr_schedule,
             "id_accuracy_train": g["train"]["prefix"]["accuracy"], "id_accuracy_heldout": g["heldout"]["prefix"]["accuracy"],
             "base_id_accuracy_train": g["train"]["plain"]["accuracy"],
             "scene_accuracy": generic["prefix"], "base_scene_accuracy": generic["plain"],
@@ -64,9 +67,10 @@ def _train_to(config: Config, point: Point, workdir: Path) -> Path:
     """prefix-<steps>.safetensors of `point`, trained (or resumed from a shorter run of the same p) if missing."""
     kept = workdir / f"prefix-{point.steps}.safetensors"
     if not kept.is_file():
+        run_dir = workdir if config.train.lr_schedule == "constant" else workdir / f"steps-{point.steps}"
         result = train(dataclasses.replace(config, train=dataclasses.replace(config.train, steps=point.steps),
                                            data=dataclasses.replace(config.data, identity_prob=point.identity_prob)),
-                       workdir)
+                       run_dir)
         if result.prefix_file is None:  # stopped by a signal: the checkpoint is saved, nothing to score
             raise KeyboardInterrupt
         shutil.copyfile(result.prefix_file, kept)
@@ -77,15 +81,16 @@ def sweep(out: Path, identity_probs: Sequence[float], steps: Sequence[int], num_
           overrides: Sequence[str] = ()) -> list[dict]:
     """Train and score every (p, steps) point under `out`; writes sweep.json, sweep.md and sweep.png,
     which mark the default: configs/mini.yaml's p and steps (after the overrides) at the file's own
-    learning rate, so a sweep at another one (--set train.learning_rate=...) marks none."""
+    learning rate and schedule, so a sweep at another one (--set train.learning_rate=...) marks none."""
     config = load_config(DEFAULT_CONFIG, [f"train.seed={VALIDATION_SEED}", "eval.after_training=false", *overrides])
     config = with_mini_data(config)
     _check_same_overrides(out, list(overrides))
-    default = Point(config.data.identity_prob, config.train.steps, load_config(DEFAULT_CONFIG).train.learning_rate)
+    as_shipped = load_config(DEFAULT_CONFIG).train
+    default = Point(config.data.identity_prob, config.train.steps, as_shipped.learning_rate, as_shipped.lr_schedule)
     scores = []
     for identity_prob in identity_probs:
         for count in sorted(steps):
-            point = Point(identity_prob, count, config.train.learning_rate)
+            point = Point(identity_prob, count, config.train.learning_rate, config.train.lr_schedule)
             scored = out / point.name / f"eval-{count}" / "report.json"
             if not scored.is_file():
                 prefix = _train_to(config, point, out / point.name)
@@ -99,7 +104,11 @@ def sweep(out: Path, identity_probs: Sequence[float], steps: Sequence[int], num_
 
 
 def _is_default(score: dict, default: Point) -> bool:
-    return (score["identity_prob"], score["steps"], score["learning_rate"]) == dataclasses.astuple(default)
+    return (score["identity_prob"], score["steps"], score["learning_rate"], score["lr_schedule"]) == dataclasses.astuple(default)
+
+
+def _rate(score: dict) -> str:
+    return f"{score['learning_rate']:g}" + ("" if score["lr_schedule"] == "constant" else f" {score['lr_schedule']}")
 
 
 def _check_same_overrides(out: Path, overrides: list[str]) -> None:
@@ -117,7 +126,7 @@ def table(scores: list[dict], default: Point) -> str:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in scores:
         mark = " (default)" if _is_default(s, default) else ""
-        lines.append(f"| {s['identity_prob']:g}{mark} | {s['steps']} | {s['learning_rate']:g} | {s['id_accuracy_train']:.3f} (base "
+        lines.append(f"| {s['identity_prob']:g}{mark} | {s['steps']} | {_rate(s)} | {s['id_accuracy_train']:.3f} (base "
                      f"{s['base_id_accuracy_train']:.3f}) | {s['id_accuracy_heldout']:.3f} | {s['scene_accuracy']:.3f} "
                      f"({s['base_scene_accuracy']:.3f}) | {s['face_rate']:.3f} |")
     return "\n".join(lines) + "\n"
@@ -144,7 +153,7 @@ def plot(scores: list[dict], default: Point, path: Path) -> None:
     ax.axhline(base["base_id_accuracy_train"] / 10, color="grey", linestyle="--", label="ID target (base / 10)")
     ax.set_xlabel("scene accuracy with the prefix (higher: ordinary prompts kept)")
     ax.set_ylabel("ID accuracy with the prefix, training names (lower: anonymized)")
-    ax.set_title(f"APL-mini trade-off (validation draw, learning rate {scores[0]['learning_rate']:g})", fontsize=10)
+    ax.set_title(f"APL-mini trade-off (validation draw, learning rate {_rate(scores[0])})", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
