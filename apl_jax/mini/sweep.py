@@ -12,8 +12,8 @@ out (tests/test_objective.py), so every η trains the same prefix up to Adam's e
 Each p trains in its own workdir; a longer step count resumes the shorter one's checkpoint (the
 trainer's resume is bitwise, so this is the same prefix as a straight run) and each step count's
 prefix is kept as prefix-<steps>.safetensors. Under train.lr_schedule=cosine the rate's decay ends
-at the step count, so each count trains from the start in a workdir of its own (steps-<count>). Finished prefixes and their scores are reused, so an
-interrupted sweep picks up where it stopped.
+at the step count, so each count trains from the start in a workdir of its own (steps-<count>).
+Finished prefixes and their scores are reused, so an interrupted sweep picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def point_score(report: dict, point: Point) -> dict:
 
 
 def _train_to(config: Config, point: Point, workdir: Path) -> Path:
-    """prefix-<steps>.safetensors of `point`, trained (or resumed from a shorter run of the same p) if missing."""
+    """prefix-<steps>.safetensors of `point`, trained if missing: under a constant rate resumed from a shorter
+    run of the same p, under cosine from the start."""
     kept = workdir / f"prefix-{point.steps}.safetensors"
     if not kept.is_file():
         run_dir = workdir if config.train.lr_schedule == "constant" else workdir / f"steps-{point.steps}"
