@@ -149,6 +149,46 @@ def test_toy_build_rerun_keeps_finished_stages(toy_build):
     assert [(out / name / MANIFEST).read_text() for name in names] == before
 
 
+def _fingerprint(config):
+    from apl_jax.data.prompts import Templates
+    from apl_jax.generate_identities import DEFAULT_TEMPLATES
+    from apl_jax.mini.build import world_fingerprint
+    from apl_jax.tokenizer import load_tokenizer
+
+    return world_fingerprint(config, load_tokenizer(), Templates.load(DEFAULT_TEMPLATES))
+
+
+def test_toy_build_records_config_environment_and_world(toy_build, tmp_path):
+    from apl_jax.mini.build import BUILD_RECORD, BuildConfig, build
+
+    out, work = toy_build
+    record = json.loads((out / BUILD_RECORD).read_text())
+    assert record["config"] == dataclasses.asdict(BuildConfig.toy())
+    assert set(record["stage_minutes"]) == {"vae", "base", "ft", "db", "recognizer"}
+    assert (record["environment"]["jax"], record["environment"]["devices"]) == (jax.__version__, jax.device_count())
+    assert record["world_fingerprint"] == _fingerprint(BuildConfig.toy())
+    assert record["world_fingerprint"] != _fingerprint(dataclasses.replace(BuildConfig.toy(), seed=1))
+    # Rebuilding one stage keeps the others' minutes in the record
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, symlinks=True)
+    (copy / RECOGNIZER / MANIFEST).unlink()
+    build(copy, work, BuildConfig.toy(), stages=("recognizer",))
+    rebuilt = json.loads((copy / BUILD_RECORD).read_text())
+    assert {k: v for k, v in rebuilt["stage_minutes"].items() if k != "recognizer"} == \
+        {k: v for k, v in record["stage_minutes"].items() if k != "recognizer"}
+
+
+def test_build_warns_when_its_environment_is_not_the_shipped_weights(tmp_path, monkeypatch, caplog):
+    from apl_jax.mini.build import BuildConfig, build
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    with caplog.at_level("WARNING", logger="apl_jax.mini.build"):
+        build(tmp_path / "out", tmp_path / "work", BuildConfig.toy(), stages=())
+    # (other entries join these where the test machine's versions differ from the shipped build's)
+    assert "'XLA_FLAGS': '--xla_force_host_platform_device_count=8'} where the shipped weights were built with" \
+        in caplog.text and "'XLA_FLAGS': ''}: its floats, and so its weights, will differ" in caplog.text
+
+
 def test_damaged_weights_are_refused(toy_build, tmp_path):
     from apl_jax.models import load_model
 
@@ -184,6 +224,16 @@ def test_shipped_models_load_by_name_and_match_their_hashes():
         assert all(np.array_equal(a, b) for a, b in zip(*(jax.tree.leaves(m.params[part]) for m in (model, ft))))
     size = sum(p.stat().st_size for p in (SHIPPED_MODELS / BASE).rglob("*") if p.is_file())
     assert size <= 15 * 2**20
+
+
+def test_shipped_weights_are_this_codes_build():
+    from apl_jax.mini.build import BUILD_RECORD, BuildConfig
+    from apl_jax.models import SHIPPED_MODELS
+
+    record = json.loads((SHIPPED_MODELS / BUILD_RECORD).read_text())
+    assert BuildConfig(**record["config"]) == BuildConfig()
+    # A change to the world, the captions or the seeds needs the weights rebuilt: python -m apl_jax.mini build
+    assert record["world_fingerprint"] == _fingerprint(BuildConfig())
 
 
 @pytest.fixture(scope="module")

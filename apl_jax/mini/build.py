@@ -6,13 +6,22 @@ saw) and the recognizer.
 Every stage is seeded and writes its result under the work folder before the next
 starts; a rerun skips finished stages and resumes the diffusion stages from their
 last orbax checkpoint, so an interrupted build loses at most `checkpoint_every` steps.
+
+The build is deterministic for a given jax version and XLA CPU configuration (8 simulated host
+devices, say, sum in another order than 1). BUILD.json beside the models records the config, that
+environment, each stage's minutes and the world's fingerprint: a hash of small draws of every training
+set, which the tests compare with this code's, so weights that the committed code did not make are caught.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import importlib.metadata
+import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -30,7 +39,7 @@ from apl_jax.data.prompts import Templates
 from apl_jax.manifest import MANIFEST, write_manifest
 from apl_jax.mini import captions, recognizer, world
 from apl_jax.mini.recognizer import warmup_cosine
-from apl_jax.models import FrozenSD, random_model
+from apl_jax.models import SHIPPED_MODELS, FrozenSD, random_model
 from apl_jax.schedulers import add_noise
 from apl_jax.tokenizer import tokenize
 
@@ -269,6 +278,59 @@ def train_diffusion(model: FrozenSD, pool: Pool, config: BuildConfig, *, trainab
 
 # ---------------------------------------------------------------- the whole build
 
+BUILD_RECORD = "BUILD.json"
+
+
+def world_fingerprint(config: BuildConfig, tokenizer, templates: Templates) -> str:
+    """sha256 of 64-image draws of every set the build trains on (base, shifted, DreamBooth shots and
+    prior, recognizer), rendered and captioned by this code: it changes with the world, the captions,
+    the filler words or the seeds. The draws are made apart from the build's own (cheap enough for a test)."""
+    probe = dataclasses.replace(config, db_renders_per_name=2, db_prior_images=8)
+    parts = [render_pool(64, config.seed, world.PLAIN, tokenizer, templates, "fingerprint"),
+             render_pool(64, config.seed + 1, world.SHIFTED, tokenizer, templates, "fingerprint"),
+             dreambooth_pool(probe, tokenizer, templates)]
+    digest = hashlib.sha256()
+    for pool in parts:
+        digest.update(pool.images.tobytes())
+        digest.update(pool.caption_ids.astype(np.int32).tobytes())
+    images, targets = recognizer.render_set(64, config.seed)
+    digest.update(images.tobytes())
+    for head in sorted(targets):
+        digest.update(targets[head].tobytes())
+    return digest.hexdigest()
+
+
+def write_build_record(out: Path, config: BuildConfig, fingerprint: str, stage_minutes: dict[str, float]) -> None:
+    """out/BUILD.json. A build that runs only some stages into a folder built with the same config and
+    world keeps the other stages' minutes; otherwise the record starts anew."""
+    path = Path(out) / BUILD_RECORD
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    same = old.get("world_fingerprint") == fingerprint and old.get("config") == dataclasses.asdict(config)
+    record = {
+        "world_fingerprint": fingerprint,
+        "config": dataclasses.asdict(config),
+        "stage_minutes": {**(old.get("stage_minutes", {}) if same else {}), **stage_minutes},
+        "environment": build_environment(),
+    }
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def build_environment() -> dict:
+    """What bitwise reproduction needs besides the code and the config (the module docstring)."""
+    return {"jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib"), "numpy": np.__version__,
+            "devices": jax.device_count(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+
+
+def _warn_if_not_the_shipped_environment() -> None:
+    shipped = SHIPPED_MODELS / BUILD_RECORD
+    if not shipped.is_file():
+        return
+    recorded = json.loads(shipped.read_text())["environment"]
+    if differ := {k: v for k, v in build_environment().items() if recorded.get(k) != v}:
+        log.warning("this build runs with %s where the shipped weights were built with %s: its floats, and so "
+                    "its weights, will differ from theirs", differ, {k: recorded.get(k) for k in differ})
+
+
 STAGES = ("vae", "base", "ft", "db", "recognizer")
 # The build's outputs, as folders under SHIPPED_MODELS (or --out)
 BASE, FINE_TUNED, DREAMBOOTH, RECOGNIZER = "apl-mini", "apl-mini-ft", "apl-mini-db", "apl-mini-recognizer"
@@ -287,16 +349,17 @@ def save_fine_tuned(model: FrozenSD, base_dir: Path, ft_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def _stage(name: str):
-    """Log how long a build stage took."""
+def _stage(name: str, minutes: dict[str, float]):
+    """Log how long a build stage took, and keep it in `minutes`."""
     started = time.perf_counter()
     yield
-    log.info("stage %s took %.1f min", name, (time.perf_counter() - started) / 60)
+    minutes[name] = round((time.perf_counter() - started) / 60, 1)
+    log.info("stage %s took %.1f min", name, minutes[name])
 
 
 def build(out: Path, work: Path, config: BuildConfig, stages: tuple[str, ...] = STAGES) -> None:
     """Write out/apl-mini, out/apl-mini-ft, out/apl-mini-db (diffusers folders) and out/apl-mini-recognizer,
-    each with a MANIFEST.json."""
+    each with a MANIFEST.json, and out/BUILD.json."""
     from apl_jax.generate_identities import DEFAULT_TEMPLATES
     from apl_jax.models import load_model, save_model
     from apl_jax.tokenizer import load_tokenizer
@@ -307,16 +370,18 @@ def build(out: Path, work: Path, config: BuildConfig, stages: tuple[str, ...] = 
     tokenizer, templates = load_tokenizer(), Templates.load(DEFAULT_TEMPLATES)
     empty_ids = tokenize(tokenizer, [""])
     started = time.perf_counter()
+    minutes: dict[str, float] = {}
+    _warn_if_not_the_shipped_environment()
 
     base_pool = work / "base-pool.npz"
     after_vae = work / "after-vae"
     if "vae" in stages and not (after_vae / "model_index.json").is_file():
-        with _stage("vae"):
+        with _stage("vae", minutes):
             pool = render_pool(config.pool_size, config.seed, world.PLAIN, tokenizer, templates, "base pool", base_pool)
             save_model(train_vae(initial_model(), pool.images, config), after_vae)
     base_dir = out / BASE
     if "base" in stages and not (base_dir / MANIFEST).is_file():
-        with _stage("base"):
+        with _stage("base", minutes):
             pool = render_pool(config.pool_size, config.seed, world.PLAIN, tokenizer, templates, "base pool", base_pool)
             model = train_diffusion(load_model(after_vae), pool, config, trainable=("text_encoder", "unet"),
                                     steps=config.sd_steps, learning_rate=config.sd_learning_rate,
@@ -326,7 +391,7 @@ def build(out: Path, work: Path, config: BuildConfig, stages: tuple[str, ...] = 
             write_manifest(base_dir)  # last: its presence means the stage is complete
     ft_dir = out / FINE_TUNED
     if "ft" in stages and not (ft_dir / MANIFEST).is_file():
-        with _stage("ft"):
+        with _stage("ft", minutes):
             pool = render_pool(config.ft_pool_size, config.seed + 1, world.SHIFTED, tokenizer, templates, "shifted pool")
             model = train_diffusion(load_model(base_dir), pool, config, trainable=("unet",), steps=config.ft_steps,
                                     learning_rate=config.ft_learning_rate, checkpoints=work / "ft-checkpoints",
@@ -335,7 +400,7 @@ def build(out: Path, work: Path, config: BuildConfig, stages: tuple[str, ...] = 
             write_manifest(ft_dir)
     db_dir = out / DREAMBOOTH
     if "db" in stages and not (db_dir / MANIFEST).is_file():
-        with _stage("db"):
+        with _stage("db", minutes):
             model = train_diffusion(load_model(base_dir), dreambooth_pool(config, tokenizer, templates), config,
                                     trainable=("unet",), steps=config.db_steps, learning_rate=config.db_learning_rate,
                                     checkpoints=work / "db-checkpoints", what="DreamBooth UNet (2 new names)",
@@ -344,10 +409,12 @@ def build(out: Path, work: Path, config: BuildConfig, stages: tuple[str, ...] = 
             write_manifest(db_dir)
     recognizer_dir = out / RECOGNIZER
     if "recognizer" in stages and not (recognizer_dir / MANIFEST).is_file():
-        with _stage("recognizer"):
+        with _stage("recognizer", minutes):
             vae_model = load_model(after_vae)
             params = recognizer.train(config.recognizer_steps, config.seed,
                                       roundtrip=lambda images: vae_roundtrip(vae_model, images))
             recognizer.save(params, recognizer_dir)
             write_manifest(recognizer_dir)
+    if minutes:
+        write_build_record(out, config, world_fingerprint(config, tokenizer, templates), minutes)
     log.info("build finished in %.1f min", (time.perf_counter() - started) / 60)
