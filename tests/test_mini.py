@@ -149,25 +149,16 @@ def test_toy_build_rerun_keeps_finished_stages(toy_build):
     assert [(out / name / MANIFEST).read_text() for name in names] == before
 
 
-def _fingerprint(config):
-    from apl_jax.data.prompts import Templates
-    from apl_jax.generate_identities import DEFAULT_TEMPLATES
-    from apl_jax.mini.build import world_fingerprint
-    from apl_jax.tokenizer import load_tokenizer
-
-    return world_fingerprint(config, load_tokenizer(), Templates.load(DEFAULT_TEMPLATES))
-
-
 def test_toy_build_records_config_environment_and_world(toy_build, tmp_path):
-    from apl_jax.mini.build import BUILD_RECORD, BuildConfig, build
+    from apl_jax.mini.build import BUILD_RECORD, BuildConfig, build, world_fingerprint
 
     out, work = toy_build
     record = json.loads((out / BUILD_RECORD).read_text())
     assert record["config"] == dataclasses.asdict(BuildConfig.toy())
     assert set(record["stage_minutes"]) == {"vae", "base", "ft", "db", "recognizer"}
     assert (record["environment"]["jax"], record["environment"]["devices"]) == (jax.__version__, jax.device_count())
-    assert record["world_fingerprint"] == _fingerprint(BuildConfig.toy())
-    assert record["world_fingerprint"] != _fingerprint(dataclasses.replace(BuildConfig.toy(), seed=1))
+    assert record["world_fingerprint"] == world_fingerprint(BuildConfig.toy())
+    assert record["world_fingerprint"] != world_fingerprint(dataclasses.replace(BuildConfig.toy(), seed=1))
     # Rebuilding one stage keeps the others' minutes in the record
     copy = tmp_path / "out"
     shutil.copytree(out, copy, symlinks=True)
@@ -227,13 +218,13 @@ def test_shipped_models_load_by_name_and_match_their_hashes():
 
 
 def test_shipped_weights_are_this_codes_build():
-    from apl_jax.mini.build import BUILD_RECORD, BuildConfig
+    from apl_jax.mini.build import BUILD_RECORD, BuildConfig, world_fingerprint
     from apl_jax.models import SHIPPED_MODELS
 
     record = json.loads((SHIPPED_MODELS / BUILD_RECORD).read_text())
     assert BuildConfig(**record["config"]) == BuildConfig()
     # A change to the world, the captions or the seeds needs the weights rebuilt: python -m apl_jax.mini build
-    assert record["world_fingerprint"] == _fingerprint(BuildConfig())
+    assert record["world_fingerprint"] == world_fingerprint(BuildConfig())
 
 
 @pytest.fixture(scope="module")

@@ -281,10 +281,14 @@ def train_diffusion(model: FrozenSD, pool: Pool, config: BuildConfig, *, trainab
 BUILD_RECORD = "BUILD.json"
 
 
-def world_fingerprint(config: BuildConfig, tokenizer, templates: Templates) -> str:
+def world_fingerprint(config: BuildConfig) -> str:
     """sha256 of 64-image draws of every set the build trains on (base, shifted, DreamBooth shots and
     prior, recognizer), rendered and captioned by this code: it changes with the world, the captions,
     the filler words or the seeds. The draws are made apart from the build's own (cheap enough for a test)."""
+    from apl_jax.generate_identities import DEFAULT_TEMPLATES
+    from apl_jax.tokenizer import load_tokenizer
+
+    tokenizer, templates = load_tokenizer(), Templates.load(DEFAULT_TEMPLATES)
     probe = dataclasses.replace(config, db_renders_per_name=2, db_prior_images=8)
     parts = [render_pool(64, config.seed, world.PLAIN, tokenizer, templates, "fingerprint"),
              render_pool(64, config.seed + 1, world.SHIFTED, tokenizer, templates, "fingerprint"),
@@ -416,5 +420,5 @@ def build(out: Path, work: Path, config: BuildConfig, stages: tuple[str, ...] = 
             recognizer.save(params, recognizer_dir)
             write_manifest(recognizer_dir)
     if minutes:
-        write_build_record(out, config, world_fingerprint(config, tokenizer, templates), minutes)
+        write_build_record(out, config, world_fingerprint(config), minutes)
     log.info("build finished in %.1f min", (time.perf_counter() - started) / 60)
