@@ -4,6 +4,7 @@ import dataclasses
 import json
 import shutil
 
+import flax
 import jax
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from PIL import Image
 from apl_jax.errors import UserError
 from apl_jax.manifest import MANIFEST, verify
 from apl_jax.mini import metrics, recognizer, world
-from apl_jax.mini.build import BASE, DREAMBOOTH, FINE_TUNED, RECOGNIZER
+from apl_jax.mini.build import BASE, DREAMBOOTH, FINE_TUNED, RECOGNIZER, dreambooth_token_ids
 from apl_jax.mini.evaluate import scene_set
 from apl_jax.tokenizer import tokenize
 
@@ -131,12 +132,23 @@ def test_toy_build_writes_loadable_weights(toy_build):
     assert not np.allclose(ft.params["unet"]["conv_in"]["kernel"], model.params["unet"]["conv_in"]["kernel"])
     assert np.array_equal(ft.params["vae"]["decoder"]["conv_out"]["kernel"], model.params["vae"]["decoder"]["conv_out"]["kernel"])
     assert (out / FINE_TUNED / "text_encoder").is_symlink()  # shared with the base, not copied
-    db = load_model(out / DREAMBOOTH)  # a UNet of its own, the base's text encoder (the prefix's)
-    assert (out / DREAMBOOTH / "text_encoder").is_symlink()
+    db = load_model(out / DREAMBOOTH)  # a UNet of its own, the base's text encoder but for the new names' rows
+    assert not (out / DREAMBOOTH / "text_encoder").is_symlink() and (out / DREAMBOOTH / "vae").is_symlink()
     assert not np.allclose(db.params["unet"]["conv_in"]["kernel"], model.params["unet"]["conv_in"]["kernel"])
+    assert_text_encoder_is_the_base_but_for_dreambooth_rows(db, model)
     manifest = json.loads((out / FINE_TUNED / MANIFEST).read_text())["sha256"]
     assert {"unet/diffusion_flax_model.msgpack", "text_encoder/flax_model.msgpack"} <= set(manifest)
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(recognizer.load(out / RECOGNIZER)))
+
+
+def assert_text_encoder_is_the_base_but_for_dreambooth_rows(db, base):
+    """apl-mini-db's text encoder: the base's transformer and token table, but for the DreamBooth names' rows."""
+    flat = lambda m: flax.traverse_util.flatten_dict(m.params["text_encoder"], sep="/")
+    db_text, text = flat(db), flat(base)
+    table = "text_model/embeddings/token_embedding/embedding"
+    changed = np.flatnonzero(np.any(db_text[table] != text[table], axis=1))
+    assert changed.tolist() == dreambooth_token_ids(base.tokenizer).tolist() and len(changed) >= 2
+    assert all(np.array_equal(db_text[k], text[k]) for k in text if k != table)
 
 
 def test_toy_build_rerun_keeps_finished_stages(toy_build):
@@ -213,6 +225,7 @@ def test_shipped_models_load_by_name_and_match_their_hashes():
     assert not np.allclose(ft.params["unet"]["conv_in"]["kernel"], model.params["unet"]["conv_in"]["kernel"])
     for part in ("text_encoder", "vae"):
         assert all(np.array_equal(a, b) for a, b in zip(*(jax.tree.leaves(m.params[part]) for m in (model, ft))))
+    assert_text_encoder_is_the_base_but_for_dreambooth_rows(load_model(DREAMBOOTH), model)
     size = sum(p.stat().st_size for p in (SHIPPED_MODELS / BASE).rglob("*") if p.is_file())
     assert size <= 15 * 2**20
 

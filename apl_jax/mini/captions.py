@@ -17,20 +17,30 @@ WORLD_WORDS = ("a", "an", "on", "with", "in", "of", "and", "hair", "skin", "face
                "bald", "bun", "background")
 
 
+def _world_text(names) -> str:
+    """Every word the world's captions and prompts are made of, with `names`."""
+    templates = Templates.load(DEFAULT_TEMPLATES)
+    return " ".join([*templates.pre_templates, *templates.templates, PORTRAIT_PROMPT, *names, *WORLD_WORDS, *world.SEXES,
+                     *world.FACE_SHAPES, *world.SKINS, *world.HAIR_COLOURS, *world.HAIR_STYLES, *world.EYE_COLOURS,
+                     *world.SHAPES, *world.COLOURS])
+
+
 @functools.cache
 def filler_words() -> tuple[str, ...]:
     """Common words of the CLIP vocabulary that mean nothing in this world (no word of any caption,
     template or name): the build puts them before captions, as real captions begin with all sorts of words."""
     from apl_jax.tokenizer import load_tokenizer
 
-    templates = Templates.load(DEFAULT_TEMPLATES)
-    world_text = " ".join([*templates.pre_templates, *templates.templates, PORTRAIT_PROMPT, *world.NAMES,
-                           *world.DREAMBOOTH_NAMES, *WORLD_WORDS, *world.SEXES, *world.FACE_SHAPES, *world.SKINS,
-                           *world.HAIR_COLOURS, *world.HAIR_STYLES, *world.EYE_COLOURS, *world.SHAPES, *world.COLOURS])
-    taken = set(re.findall(r"[a-z]+", world_text.lower()))
+    taken = set(re.findall(r"[a-z]+", _world_text((*world.NAMES, *world.DREAMBOOTH_NAMES)).lower()))
     words = (token[:-4] for token, index in sorted(load_tokenizer().encoder.items(), key=lambda item: item[1])
              if token.endswith("</w>") and index < COMMON_WORDS)
     return tuple(w for w in words if len(w) >= 3 and w.isascii() and w.isalpha() and w not in taken)
+
+
+def base_caption_tokens(tokenizer) -> set[int]:
+    """Every token id a caption of the base model's training set can hold: the world's words, the cast's names
+    and the filler words. Any other row of the text encoder's token table keeps its random initialisation."""
+    return set(tokenizer.encode(_world_text(world.NAMES))) | set(tokenizer.encode(" ".join(filler_words())))
 
 
 def named_caption(name: str, k: int, seed: int, templates: Templates) -> str:
