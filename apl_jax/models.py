@@ -30,6 +30,12 @@ from apl_jax.tokenizer import MAX_LENGTH, ClipTokenizer, load_tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+# Where the token-embedding table [V, D], the space a prefix lives in, sits in the text encoder's params
+TOKEN_TABLE = ("text_model", "embeddings", "token_embedding", "embedding")
+
+
+def token_table(text_params: dict) -> jax.Array:
+    return functools.reduce(lambda tree, key: tree[key], TOKEN_TABLE, text_params)
 # (flax weights, PyTorch weights) file names per component, as diffusers/transformers write them
 WEIGHT_FILES = {
     "text_encoder": ("flax_model.msgpack", "model.safetensors"),

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from apl_jax.errors import UserError
-from apl_jax.models import FrozenSD
+from apl_jax.models import FrozenSD, token_table
 from apl_jax.tokenizer import tokenize
 
 
@@ -32,8 +32,7 @@ def init_prefix(model: FrozenSD, num_vectors: int, rng: jax.Array, init_word: st
         raise UserError(f"prefix.num_vectors must be at least 1, got {num_vectors}")
     if init_word is None:
         return jax.random.uniform(rng, (num_vectors, model.text_width), jnp.float32)
-    table = model.params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"]
-    row = table[single_token_id(model, init_word, role="prefix.init_word")].astype(jnp.float32)
+    row = token_table(model.params["text_encoder"])[single_token_id(model, init_word, role="prefix.init_word")].astype(jnp.float32)
     return jnp.tile(row[None], (num_vectors, 1))
 
 

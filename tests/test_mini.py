@@ -15,6 +15,7 @@ from apl_jax.manifest import MANIFEST, verify
 from apl_jax.mini import metrics, recognizer, world
 from apl_jax.mini.build import BASE, DREAMBOOTH, FINE_TUNED, RECOGNIZER, dreambooth_token_ids
 from apl_jax.mini.evaluate import scene_set
+from apl_jax.models import TOKEN_TABLE
 from apl_jax.tokenizer import tokenize
 
 
@@ -145,7 +146,7 @@ def assert_text_encoder_is_the_base_but_for_dreambooth_rows(db, base):
     """apl-mini-db's text encoder: the base's transformer and token table, but for the DreamBooth names' rows."""
     flat = lambda m: flax.traverse_util.flatten_dict(m.params["text_encoder"], sep="/")
     db_text, text = flat(db), flat(base)
-    table = "text_model/embeddings/token_embedding/embedding"
+    table = "/".join(TOKEN_TABLE)
     changed = np.flatnonzero(np.any(db_text[table] != text[table], axis=1))
     assert changed.tolist() == dreambooth_token_ids(base.tokenizer).tolist() and len(changed) >= 2
     assert all(np.array_equal(db_text[k], text[k]) for k in text if k != table)

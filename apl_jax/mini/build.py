@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +40,7 @@ from apl_jax.data.prompts import Templates
 from apl_jax.manifest import MANIFEST, write_manifest
 from apl_jax.mini import captions, recognizer, world
 from apl_jax.mini.recognizer import warmup_cosine
-from apl_jax.models import SHIPPED_MODELS, FrozenSD, random_model
+from apl_jax.models import SHIPPED_MODELS, TOKEN_TABLE, FrozenSD, random_model, token_table
 from apl_jax.schedulers import add_noise
 from apl_jax.tokenizer import tokenize
 
@@ -221,10 +222,9 @@ def encode_pool(model: FrozenSD, images: np.ndarray, batch: int = 256) -> tuple[
 
 def with_token_rows(params: dict, token_ids: np.ndarray, rows) -> dict:
     """params with the text encoder's token-embedding rows `token_ids` set to `rows` [len(token_ids), D]."""
-    text = params["text_encoder"]["text_model"]
-    table = jnp.asarray(text["embeddings"]["token_embedding"]["embedding"])
-    embeddings = {**text["embeddings"], "token_embedding": {"embedding": table.at[token_ids].set(rows.astype(table.dtype))}}
-    return {**params, "text_encoder": {**params["text_encoder"], "text_model": {**text, "embeddings": embeddings}}}
+    text = flax.traverse_util.flatten_dict(params["text_encoder"])
+    text[TOKEN_TABLE] = jnp.asarray(text[TOKEN_TABLE]).at[token_ids].set(rows.astype(text[TOKEN_TABLE].dtype))
+    return {**params, "text_encoder": flax.traverse_util.unflatten_dict(text)}
 
 
 def merged(frozen: dict, train_params: dict, token_ids: np.ndarray | None) -> dict:
@@ -262,8 +262,7 @@ def train_diffusion(model: FrozenSD, pool: Pool, config: BuildConfig, *, trainab
     frozen = {k: v for k, v in model.params.items() if k not in trainable}
     train_params = {k: model.params[k] for k in trainable}
     if token_ids is not None:
-        train_params["token_rows"] = model.params["text_encoder"]["text_model"]["embeddings"]["token_embedding"][
-            "embedding"][token_ids]
+        train_params["token_rows"] = token_table(model.params["text_encoder"])[token_ids]
     state = {"params": train_params, "ema": train_params, "opt": optimizer.init(train_params),
              "step": jnp.zeros((), jnp.int32)}
 
