@@ -172,14 +172,19 @@ def test_toy_build_records_config_environment_and_world(toy_build, tmp_path):
     assert (record["environment"]["jax"], record["environment"]["devices"]) == (jax.__version__, jax.device_count())
     assert record["world_fingerprint"] == world_fingerprint(BuildConfig.toy())
     assert record["world_fingerprint"] != world_fingerprint(dataclasses.replace(BuildConfig.toy(), seed=1))
-    # Rebuilding one stage keeps the others' minutes in the record
+    # Rebuilding one stage, with its own fields changed, keeps the others' minutes in the record ...
     copy = tmp_path / "out"
     shutil.copytree(out, copy, symlinks=True)
     (copy / RECOGNIZER / MANIFEST).unlink()
-    build(copy, work, BuildConfig.toy(), stages=("recognizer",))
+    build(copy, work, dataclasses.replace(BuildConfig.toy(), recognizer_steps=2), stages=("recognizer",))
     rebuilt = json.loads((copy / BUILD_RECORD).read_text())
+    assert rebuilt["config"]["recognizer_steps"] == 2
     assert {k: v for k, v in rebuilt["stage_minutes"].items() if k != "recognizer"} == \
         {k: v for k, v in record["stage_minutes"].items() if k != "recognizer"}
+    # ... but not when a field another stage was built with changed
+    (copy / RECOGNIZER / MANIFEST).unlink()
+    build(copy, work, dataclasses.replace(BuildConfig.toy(), recognizer_steps=2, sd_steps=5), stages=("recognizer",))
+    assert set(json.loads((copy / BUILD_RECORD).read_text())["stage_minutes"]) == {"recognizer"}
 
 
 def test_build_warns_when_its_environment_is_not_the_shipped_weights(tmp_path, monkeypatch, caplog):

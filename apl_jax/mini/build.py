@@ -79,6 +79,7 @@ class BuildConfig:
     db_prior_images: int = 512  # prior preservation: a fresh draw of the base mix, half of every batch
     db_steps: int = 1_500  # 400 steps at 3e-4, or 600 at 1e-3, left the two people half drawn
     db_learning_rate: float = 1e-3
+    db_token_learning_rate: float = 1e-3  # the new names' token rows (dreambooth_token_ids)
     db_ema_decay: float = 0.99  # the base's 0.999 kept two thirds of the starting UNet after 400 steps
     recognizer_steps: int = 2_500
     checkpoint_every: int = 500
@@ -251,14 +252,22 @@ def diffusion_loss_fn(model: FrozenSD, token_ids: np.ndarray | None = None) -> C
 
 def train_diffusion(model: FrozenSD, pool: Pool, config: BuildConfig, *, trainable: tuple[str, ...], steps: int,
                     learning_rate: float, checkpoints: Path, what: str, empty_ids: np.ndarray,
-                    ema_decay: float | None = None, token_ids: np.ndarray | None = None) -> FrozenSD:
-    """Train `trainable` params, and the text encoder's token-embedding rows `token_ids` if given, on the pool;
-    returns the model with their EMA (ema_decay, default config.ema_decay). Resumes from `checkpoints`."""
+                    ema_decay: float | None = None, token_ids: np.ndarray | None = None,
+                    token_learning_rate: float | None = None) -> FrozenSD:
+    """Train `trainable` params, and the text encoder's token-embedding rows `token_ids` if given (at
+    token_learning_rate, default learning_rate), on the pool; returns the model with their EMA (ema_decay,
+    default config.ema_decay). Resumes from `checkpoints`."""
     ema_decay = config.ema_decay if ema_decay is None else ema_decay
+    token_learning_rate = learning_rate if token_learning_rate is None else token_learning_rate
     mean, std = encode_pool(model, pool.images)
     loss_fn = diffusion_loss_fn(model, token_ids)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(warmup_cosine(learning_rate, steps,
-                                                                                     learning_rate / 10)))
+
+    def adam(peak: float) -> optax.GradientTransformation:
+        return optax.adam(warmup_cosine(peak, steps, peak / 10))
+
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.multi_transform(
+        {"net": adam(learning_rate), "rows": adam(token_learning_rate)},
+        lambda params: {k: "rows" if k == "token_rows" else "net" for k in params}))
     frozen = {k: v for k, v in model.params.items() if k not in trainable}
     train_params = {k: model.params[k] for k in trainable}
     if token_ids is not None:
@@ -330,11 +339,18 @@ def world_fingerprint(config: BuildConfig) -> str:
 
 
 def write_build_record(out: Path, config: BuildConfig, fingerprint: str, stage_minutes: dict[str, float]) -> None:
-    """out/BUILD.json. A build that runs only some stages into a folder built with the same config and
-    world keeps the other stages' minutes; otherwise the record starts anew."""
+    """out/BUILD.json. A build that runs only some stages into a folder built with the same world, and the
+    same config but for the fields of the stages it reruns (those named after them: db_*, ft_*, ...), keeps
+    the other stages' minutes; otherwise the record starts anew."""
     path = Path(out) / BUILD_RECORD
     old = json.loads(path.read_text()) if path.is_file() else {}
-    same = old.get("world_fingerprint") == fingerprint and old.get("config") == dataclasses.asdict(config)
+    rerun = tuple(f"{stage}_" for stage in stage_minutes)
+
+    def kept(fields: dict) -> dict:  # the config the stages not rerun were built with
+        return {k: v for k, v in fields.items() if not k.startswith(rerun)}
+
+    same = (old.get("world_fingerprint") == fingerprint
+            and kept(old.get("config", {})) == kept(dataclasses.asdict(config)))
     record = {
         "world_fingerprint": fingerprint,
         "config": dataclasses.asdict(config),
@@ -434,7 +450,8 @@ def build(out: Path, work: Path, config: BuildConfig, stages: tuple[str, ...] = 
                                     trainable=("unet",), steps=config.db_steps, learning_rate=config.db_learning_rate,
                                     checkpoints=work / "db-checkpoints", what="DreamBooth UNet (2 new names)",
                                     empty_ids=empty_ids, ema_decay=config.db_ema_decay,
-                                    token_ids=dreambooth_token_ids(tokenizer))
+                                    token_ids=dreambooth_token_ids(tokenizer),
+                                    token_learning_rate=config.db_token_learning_rate)
             save_fine_tuned(model, base_dir, db_dir, own=("text_encoder",))
             write_manifest(db_dir)
     recognizer_dir = out / RECOGNIZER
