@@ -32,16 +32,16 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 # Where the token-embedding table [V, D], the space a prefix lives in, sits in the text encoder's params
 TOKEN_TABLE = ("text_model", "embeddings", "token_embedding", "embedding")
-
-
-def token_table(text_params: dict) -> jax.Array:
-    return functools.reduce(lambda tree, key: tree[key], TOKEN_TABLE, text_params)
 # (flax weights, PyTorch weights) file names per component, as diffusers/transformers write them
 WEIGHT_FILES = {
     "text_encoder": ("flax_model.msgpack", "model.safetensors"),
     "unet": ("diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors"),
     "vae": ("diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors"),
 }
+
+
+def token_table(text_params: dict) -> jax.Array:
+    return functools.reduce(lambda tree, key: tree[key], TOKEN_TABLE, text_params)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,8 @@ def init_prefix(model: FrozenSD, num_vectors: int, rng: jax.Array, init_word: st
         raise UserError(f"prefix.num_vectors must be at least 1, got {num_vectors}")
     if init_word is None:
         return jax.random.uniform(rng, (num_vectors, model.text_width), jnp.float32)
-    row = token_table(model.params["text_encoder"])[single_token_id(model, init_word, role="prefix.init_word")].astype(jnp.float32)
+    token = single_token_id(model, init_word, role="prefix.init_word")
+    row = token_table(model.params["text_encoder"])[token].astype(jnp.float32)
     return jnp.tile(row[None], (num_vectors, 1))
 
 
