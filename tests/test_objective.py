@@ -27,11 +27,24 @@ def keys():
     return jax.random.split(jax.random.PRNGKey(7), 4)
 
 
-def loss_fn(tiny, eta=1.0):
-    return jax.jit(functools.partial(apl_loss, model=tiny, placeholder_id=PLACEHOLDER, negative_guidance=eta))
+@pytest.fixture(scope="module")
+def loss_fn(tiny):
+    """loss_fn(prefix, frozen, batch, keys, eta): apl_loss on the tiny model, jitted once for the tests here, with
+    eta traced: a compile of the tiny UNet's loss takes tens of seconds on 2 cores, one per eta would add minutes."""
+
+    def loss(prefix, frozen, batch, keys, eta):
+        return apl_loss(prefix, frozen, batch, keys, model=tiny, placeholder_id=PLACEHOLDER, negative_guidance=eta)
+
+    return jax.jit(loss)
 
 
-def test_matches_separate_passes_by_hand(tiny, batch, keys):
+@pytest.fixture(scope="module")
+def loss_and_grad(loss_fn):
+    """jax.value_and_grad of loss_fn (w.r.t. the prefix), jitted once for the tests here."""
+    return jax.jit(jax.value_and_grad(loss_fn))
+
+
+def test_matches_separate_passes_by_hand(tiny, batch, keys, loss_fn):
     """The doubled-batch UNet call equals two separate passes, with the noise drawn as documented."""
     prefix = init_prefix(tiny, 10, jax.random.PRNGKey(0))
     p = tiny.params
@@ -49,32 +62,32 @@ def test_matches_separate_passes_by_hand(tiny, batch, keys):
     e_p = tiny.predict_noise(p["unet"], z_t, t, encode_with_prefix(tiny, p["text_encoder"], prefix, batch["private_ids"], PLACEHOLDER))
     eta = 1.0
     by_hand = jnp.mean((e_p - (e_n - eta * (e_p - e_n))) ** 2)
-    ours = loss_fn(tiny)(prefix, p, batch, keys)
+    ours = loss_fn(prefix, p, batch, keys, 1.0)
     assert_close(ours, by_hand)
 
 
-def test_negative_guidance_scales_the_loss(tiny, batch, keys):
+def test_negative_guidance_scales_the_loss(tiny, batch, keys, loss_fn):
     # loss = (1 + eta)^2 * mean((e_p - e_n)^2), so eta=2 gives 9x eta=0
     prefix = init_prefix(tiny, 10, jax.random.PRNGKey(0))
-    base = loss_fn(tiny, 0.0)(prefix, tiny.params, batch, keys)
-    assert_close(loss_fn(tiny, 2.0)(prefix, tiny.params, batch, keys), 9 * base)
+    base = loss_fn(prefix, tiny.params, batch, keys, 0.0)
+    assert_close(loss_fn(prefix, tiny.params, batch, keys, 2.0), 9 * base)
 
 
-def test_negative_guidance_only_scales_the_gradient_so_adam_ignores_it(tiny, batch, keys):
+def test_negative_guidance_only_scales_the_gradient_so_adam_ignores_it(tiny, batch, keys, loss_and_grad):
     """With the stop-gradient target, d loss / d prefix = (1 + eta) x the eta=0 gradient; Adam divides the factor out.
 
     Why the mini sweep varies the identity share rather than eta (apl_jax/mini/sweep.py).
     """
     prefix = init_prefix(tiny, 10, jax.random.PRNGKey(0))
-    grad = {eta: jax.grad(loss_fn(tiny, eta))(prefix, tiny.params, batch, keys) for eta in (0.5, 2.0)}
+    grad = {eta: loss_and_grad(prefix, tiny.params, batch, keys, eta)[1] for eta in (0.5, 2.0)}
     assert float(jnp.abs(grad[0.5]).max()) > 0
     assert_close(grad[2.0], 3.0 / 1.5 * grad[0.5], rel=1e-4)
 
     def trained(eta):  # three Adam steps of APL training
         adam, params = optax.adam(1e-3), prefix
-        state, grad_fn = adam.init(params), jax.grad(loss_fn(tiny, eta))
+        state = adam.init(params)
         for _ in range(3):
-            update, state = adam.update(grad_fn(params, tiny.params, batch, keys), state)
+            update, state = adam.update(loss_and_grad(params, tiny.params, batch, keys, eta)[1], state)
             params = optax.apply_updates(params, update)
         return params
 
@@ -98,13 +111,12 @@ def test_timesteps_cover_the_whole_range(tiny):
     assert int(ts.min()) < 10 and int(ts.max()) > 990
 
 
-def test_loss_goes_down_on_a_fixed_batch(tiny, batch, keys):
+def test_loss_goes_down_on_a_fixed_batch(tiny, batch, keys, loss_fn):
     optimizer = optax.adam(1e-2)
-    loss = loss_fn(tiny)
 
     @jax.jit
     def step(prefix, opt_state):
-        value, grad = jax.value_and_grad(loss)(prefix, tiny.params, batch, keys)
+        value, grad = jax.value_and_grad(loss_fn)(prefix, tiny.params, batch, keys, 1.0)
         updates, opt_state = optimizer.update(grad, opt_state, prefix)
         return optax.apply_updates(prefix, updates), opt_state, value
 
@@ -117,35 +129,32 @@ def test_loss_goes_down_on_a_fixed_batch(tiny, batch, keys):
     assert history[-1] < 0.5 * history[0], history
 
 
-def test_split_passes_give_the_same_loss_and_gradient(tiny, batch, keys):
+def test_split_passes_give_the_same_loss_and_gradient(tiny, batch, keys, loss_and_grad):
     prefix = init_prefix(tiny, 10, jax.random.PRNGKey(0))
-
-    def value_and_grad(fused):
-        fn = functools.partial(apl_loss, model=tiny, placeholder_id=PLACEHOLDER, negative_guidance=1.0, fused_passes=fused)
-        return jax.jit(jax.value_and_grad(fn))(prefix, tiny.params, batch, keys)
-
-    (fused_loss, fused_grad), (split_loss, split_grad) = value_and_grad(True), value_and_grad(False)
+    fused = functools.partial(apl_loss, model=tiny, placeholder_id=PLACEHOLDER, negative_guidance=1.0, fused_passes=True)
+    fused_loss, fused_grad = jax.jit(jax.value_and_grad(fused))(prefix, tiny.params, batch, keys)
+    split_loss, split_grad = loss_and_grad(prefix, tiny.params, batch, keys, 1.0)  # two passes: apl_loss's default
     assert_close(split_loss, fused_loss, rel=1e-5)
     assert_close(split_grad, fused_grad)
 
 
-def test_cached_posterior_gives_the_same_loss(tiny, batch, keys):
+def test_cached_posterior_gives_the_same_loss(tiny, batch, keys, loss_fn):
     prefix = init_prefix(tiny, 10, jax.random.PRNGKey(0))
     mean, std = encode_posterior(tiny, tiny.params["vae"], batch["pixels"])
     cached = {k: v for k, v in batch.items() if k != "pixels"} | {"posterior_mean": mean, "posterior_std": std}
-    assert_close(loss_fn(tiny)(prefix, tiny.params, cached, keys), loss_fn(tiny)(prefix, tiny.params, batch, keys),
+    assert_close(loss_fn(prefix, tiny.params, cached, keys, 1.0), loss_fn(prefix, tiny.params, batch, keys, 1.0),
                  rel=1e-5)
 
 
-def test_frozen_inputs_leave_out_the_decoder_and_change_nothing(tiny, batch, keys):
+def test_frozen_inputs_leave_out_the_decoder_and_change_nothing(tiny, batch, keys, loss_fn):
     frozen = frozen_inputs(tiny.params)
     assert set(frozen["vae"]) == {"encoder", "quant_conv"} and set(tiny.params["vae"]) > set(frozen["vae"])
     assert set(frozen) == set(tiny.params)
     prefix = init_prefix(tiny, 10, jax.random.PRNGKey(0))
-    assert loss_fn(tiny)(prefix, frozen, batch, keys) == loss_fn(tiny)(prefix, tiny.params, batch, keys)
+    assert loss_fn(prefix, frozen, batch, keys, 1.0) == loss_fn(prefix, tiny.params, batch, keys, 1.0)
 
 
-def test_remat_gives_the_same_loss_and_gradient(tiny, batch, keys):
+def test_remat_gives_the_same_loss_and_gradient(tiny, batch, keys, loss_and_grad):
     """model.remat recomputes the UNet blocks in the backward pass (the program says so); nothing else changes."""
     prefix = init_prefix(tiny, 10, jax.random.PRNGKey(0))
 
@@ -156,8 +165,8 @@ def test_remat_gives_the_same_loss_and_gradient(tiny, batch, keys):
     remat = tiny.with_remat()
     assert "remat" in str(jax.make_jaxpr(value_and_grad(remat))(prefix, tiny.params, batch, keys))  # jax.checkpoint
     assert "remat" not in str(jax.make_jaxpr(value_and_grad(tiny))(prefix, tiny.params, batch, keys))
-    (loss, grad), (plain_loss, plain_grad) = (jax.jit(value_and_grad(m))(prefix, tiny.params, batch, keys)
-                                              for m in (remat, tiny))
+    loss, grad = jax.jit(value_and_grad(remat))(prefix, tiny.params, batch, keys)
+    plain_loss, plain_grad = loss_and_grad(prefix, tiny.params, batch, keys, 1.0)
     assert_close(loss, plain_loss, rel=1e-6)
     assert_close(grad, plain_grad, rel=1e-5)
 
