@@ -295,6 +295,18 @@ def test_scenes_are_no_faces_and_score_by_prompt(shipped_recognizer):
     assert as_faces["face_rate"] == 0.0 and as_faces["id_score"]["faces"] == 0 and as_faces["id_score"]["mean"] == 0.0
 
 
+def test_scenes_by_word_counts_each_prompt_under_its_shape_and_its_colour():
+    scenes = [world.Scene("square", "yellow", "red"), world.Scene("square", "red", "blue"),
+              world.Scene("circle", "yellow", "blue"), world.Scene("circle", "red", "green")]
+    colour = [list(world.COLOURS).index(c) for c in ("yellow", "red", "yellow", "red")]
+    # image 0, a yellow square, is drawn as a circle; image 3 is right but read as a face
+    pred = {"face": np.array([0, 0, 0, 1]), "shape": np.array([0, 1, 0, 0]), "colour": np.array(colour)}
+    assert metrics.scene_right(pred, scenes).tolist() == [False, True, True, False]
+    assert metrics.scenes_by_word(pred, scenes) == {"circle": 0.5, "square": 0.5, "red": 0.5, "yellow": 0.5}
+    first_two = {k: v[:2] for k, v in pred.items()}
+    assert metrics.scenes_by_word(first_two, scenes[:2]) == {"square": 0.5, "red": 1.0, "yellow": 0.0}  # unnamed: no column
+
+
 def test_frechet_distance():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(500, 4))

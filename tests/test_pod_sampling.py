@@ -199,6 +199,9 @@ def test_mini_eval_report_matches_one_process_and_is_written_once(mini_evaluatio
     assert files(root / "two") == files(root / "one") == ["chart.png", "grid.png", "report.json", "report.md"]
     report = json.loads((root / "two/report.json").read_text())
     assert report["num_images"] == 1 and len(report["identities"]) == 24
+    by_word = report["generic"]["by_word"]
+    assert list(by_word) == ["plain", "prefix"] and list(by_word["plain"]) == list(by_word["prefix"])
+    assert "Scene accuracy by the word the prompt names:" in (root / "two/report.md").read_text()
     assert_same_numbers(report, json.loads((root / "one/report.json").read_text()))
     assert_within_one_level(pixels(root / "two/grid.png"), pixels(root / "one/grid.png"))
     assert [out.count("wrote ") for out in outputs] == [1, 0]

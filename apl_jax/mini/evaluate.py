@@ -18,7 +18,7 @@ from apl_jax.data.prompts import Templates
 from apl_jax.mini import captions, recognizer, world
 from apl_jax.mini.build import DREAMBOOTH
 from apl_jax.mini.metrics import (CONDITIONS, EVAL_SEED, frechet_distance, group_summary, reference_embeddings,
-                                  score_identities, score_scenes, targets)
+                                  scenes_by_word, score_identities, score_scenes, targets)
 from apl_jax.mini.report import print_report, write_report
 from apl_jax.sampling import Sampler, SamplerConfig
 
@@ -70,11 +70,12 @@ def evaluate(sampler: Sampler, params, num_images: int, seed: int = 0, templates
     expanded = [s for s in scenes for _ in range(per_scene)]
     real = np.stack([world.render_scene(s, [draw_seed, 7, i]) for i, s in enumerate(expanded)])
     features = {"real": recognizer.classify(params, real)["embedding"]}
-    generic = {"real": score_scenes(recognizer.classify(params, real), expanded)}
+    generic = {"real": score_scenes(recognizer.classify(params, real), expanded), "by_word": {}}
     for condition in CONDITIONS:
         images = sampler(scene_prompts, seed=seed, with_prefix=condition == "prefix", progress=True)
         pred = recognizer.classify(params, images)
         generic[condition] = score_scenes(pred, expanded)
+        generic["by_word"][condition] = scenes_by_word(pred, expanded)
         features[condition] = pred["embedding"]
         samples["scene_" + condition] = images[::per_scene][:8]
     # The same scene prompts behind 1..12 filler words, no prefix: does meaning hang on token positions?

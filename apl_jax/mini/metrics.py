@@ -7,8 +7,8 @@
 - face rate of the prefixed identity images;
 - trait keep rate: faces showing every trait NAME's description names (sex, hair colour, skin:
   what the attributes-mode neutral prompt asks for);
-- generic fidelity: shape+colour accuracy on scene prompts, and Frechet distances in the
-  recognizer's embedding space;
+- generic fidelity: shape+colour accuracy on scene prompts, overall and per word of the prompt, and
+  Frechet distances in the recognizer's embedding space;
 - the targets the project holds APL-mini's results to.
 """
 
@@ -66,11 +66,24 @@ def trait_match(pred: dict[str, np.ndarray], face: world.Face) -> np.ndarray:
     return match
 
 
-def score_scenes(pred: dict[str, np.ndarray], scenes: Sequence[world.Scene]) -> float:
-    """Share of images whose shape and colour are their prompt's (scenes[i] for image i)."""
+def scene_right(pred: dict[str, np.ndarray], scenes: Sequence[world.Scene]) -> np.ndarray:
+    """[N] bool: image i is no face, and its shape and colour are its prompt's (scenes[i])."""
     shape = np.asarray([world.SHAPES.index(s.shape) for s in scenes])
     colour = np.asarray([list(world.COLOURS).index(s.colour) for s in scenes])
-    return float(np.mean((pred["face"] == 0) & (pred["shape"] == shape) & (pred["colour"] == colour)))
+    return (pred["face"] == 0) & (pred["shape"] == shape) & (pred["colour"] == colour)
+
+
+def score_scenes(pred: dict[str, np.ndarray], scenes: Sequence[world.Scene]) -> float:
+    """Share of images whose shape and colour are their prompt's (scenes[i] for image i)."""
+    return float(np.mean(scene_right(pred, scenes)))
+
+
+def scenes_by_word(pred: dict[str, np.ndarray], scenes: Sequence[world.Scene]) -> dict[str, float]:
+    """score_scenes per shape and per colour the prompts name ({"square": ..., "yellow": ...}): where a prefix
+    loses scenes, when it loses some words and keeps the others."""
+    right = scene_right(pred, scenes)
+    return {word: float(right[[word in (s.shape, s.colour) for s in scenes]].mean())
+            for word in (*world.SHAPES, *world.COLOURS) if any(word in (s.shape, s.colour) for s in scenes)}
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -87,12 +87,22 @@ def markdown(report: dict, settings: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
         f"| {gen['real']:.3f} | {gen['plain']:.3f} | {gen['prefix']:.3f} | {gen['filler']:.3f} | {f['plain_vs_prefix']:.4f} | "
         f"{f['plain_vs_real']:.4f} | {f['prefix_vs_real']:.4f} |",
+        "", *by_word_table(gen["by_word"]),
         "", "Targets:", "", "| target | measured | bound | met |", "| --- | --- | --- | --- |",
         *(f"| {t['target']} | {t['value']:.3f} | {t['bound']:.3f} | {'yes' if t['met'] else 'no'} |"
           for t in report["targets"]),
         "",
     ]
     return "\n".join(lines)
+
+
+def by_word_table(by_word: dict) -> list[str]:
+    """Scene accuracy per shape and colour word, a column each (images of prompts that name it)."""
+    words = list(by_word["plain"])
+    return ["Scene accuracy by the word the prompt names:", "",
+            "| condition | " + " | ".join(words) + " |", "| --- |" + " --- |" * len(words),
+            *(f"| {'with' if c == 'prefix' else 'without'} prefix | " + " | ".join(f"{by_word[c][w]:.3f}" for w in words)
+              + " |" for c in CONDITIONS)]
 
 
 def write_report(report: dict, samples: dict, out: Path, title: str) -> None:

@@ -32,7 +32,8 @@ HAIR_COLOURS = {"black": (25, 22, 22), "brown": (110, 65, 30), "blonde": (235, 2
                 "grey": (165, 165, 170)}
 HAIR_STYLES = ("short", "long", "bald", "bun")
 EYE_COLOURS = {"brown": (90, 50, 20), "blue": (40, 110, 230), "green": (40, 160, 60)}
-# Scene vocabulary; faces never use these names so captions don't collide.
+# Scene vocabulary. Four of its words describe faces too (square: a face shape; red: a hair colour; blue,
+# green: eye colours), as words of real captions mean more than one thing.
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
            "purple": (140, 60, 190), "orange": (240, 140, 30)}
