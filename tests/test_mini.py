@@ -450,7 +450,7 @@ def test_toy_sweep_resumes_reuses_and_plots(short_apl, tmp_path, monkeypatch):
     _, cache = short_apl
     (data,) = cache.glob("apl-mini-data-*")
     overrides = [f"data.identity_dir={data / 'identities'}", f"data.caption_dir={data / 'generic'}",
-                 f"data.cache_dir={cache}", "train.batch_size=8", "train.steps=2", "data.identity_prob=0.5"]  # the default
+                 f"data.cache_dir={cache}", "train.batch_size=8"]
     scores = sweep_module.sweep(tmp_path, [0.5], [2, 1], num_images=1, overrides=overrides)
     assert [(s["identity_prob"], s["steps"]) for s in scores] == [(0.5, 1), (0.5, 2)]
     for s in scores:
@@ -461,7 +461,7 @@ def test_toy_sweep_resumes_reuses_and_plots(short_apl, tmp_path, monkeypatch):
     assert (workdir / "prefix-1.safetensors").read_bytes() != (workdir / "prefix-2.safetensors").read_bytes()
     with Image.open(tmp_path / "sweep.png") as plot:
         assert plot.size[0] > 300
-    assert "| 0.5 (default) | 2 |" in (tmp_path / "sweep.md").read_text()
+    assert "| 0.5 | 2 |" in (tmp_path / "sweep.md").read_text()  # batch 8 is not the shipped recipe: no default
 
     kept = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != "sweep.png"
             and not p.name.startswith("sweep.")}
@@ -485,7 +485,20 @@ def test_toy_sweep_resumes_reuses_and_plots(short_apl, tmp_path, monkeypatch):
     assert [[json.loads(line)["step"] for line in (runs / f"steps-{n}" / "metrics.jsonl").read_text().splitlines()]
             for n in (1, 2)] == [[1], [1, 2]]
     assert [s["lr_schedule"] for s in cosine] == ["cosine", "cosine"]
-    assert "(default)" not in (tmp_path / "cosine" / "sweep.md").read_text()  # the shipped schedule is constant
+
+
+def test_the_default_is_the_shipped_recipe_wherever_its_data_lives():
+    from apl_jax.config import load_config
+    from apl_jax.mini.sweep import DEFAULT_CONFIG, Point, default_point
+
+    shipped = load_config(DEFAULT_CONFIG)
+    default = Point(shipped.data.identity_prob, shipped.train.steps, shipped.train.learning_rate, shipped.train.lr_schedule)
+    assert default_point([]) == default
+    # p and steps are what a sweep varies, and the data may live anywhere
+    assert default_point(["data.identity_prob=0.5", "train.steps=2", "data.cache_dir=/c", "data.caption_dir=/g"]) == default
+    for other in ("train.learning_rate=1e-3", "train.lr_schedule=cosine", "data.neutral_mode=empty",
+                  "train.negative_guidance=2", "train.batch_size=8", "prefix.num_vectors=4"):
+        assert default_point([other]) is None, other
 
 
 def test_sweep_marks_the_default_at_the_files_learning_rate_and_schedule_only():

@@ -39,6 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless back
 DEFAULT_CONFIG = PROJECT_DIR / "configs" / "mini.yaml"
 VALIDATION_SEED = 100  # training seed and sampling seed of the validation draw
 VALIDATION_DRAW = 2  # prompt and scene draws (the evaluation's are metrics.EVAL_SEED = 1)
+DATA_LOCATION = ("identity_dir", "caption_dir", "cache_dir")  # data keys that say where the data is, not what it is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,19 @@ def point_score(report: dict, point: Point) -> dict:
             "face_rate": (g["train"]["prefix"]["face_rate"] + g["heldout"]["prefix"]["face_rate"]) / 2}
 
 
+def default_point(overrides: Sequence[str]) -> Point | None:
+    """configs/mini.yaml's point when the --set values keep its recipe (p and steps are swept, and the data may
+    live elsewhere); None otherwise: under another rate, neutral prompt or batch no point is the default."""
+    shipped, swept = load_config(DEFAULT_CONFIG), load_config(DEFAULT_CONFIG, list(overrides))
+    kept = {"data": {k: getattr(shipped.data, k) for k in (*DATA_LOCATION, "identity_prob")},
+            "train": {"steps": shipped.train.steps}}
+    swept = dataclasses.replace(swept, **{part: dataclasses.replace(getattr(swept, part), **values)
+                                          for part, values in kept.items()})
+    if swept != shipped:
+        return None
+    return Point(shipped.data.identity_prob, shipped.train.steps, shipped.train.learning_rate, shipped.train.lr_schedule)
+
+
 def _train_to(config: Config, point: Point, workdir: Path) -> Path:
     """prefix-<steps>.safetensors of `point`, trained if missing: under a constant rate resumed from a shorter
     run of the same p, under cosine from the start."""
@@ -80,14 +94,12 @@ def _train_to(config: Config, point: Point, workdir: Path) -> Path:
 
 def sweep(out: Path, identity_probs: Sequence[float], steps: Sequence[int], num_images: int,
           overrides: Sequence[str] = ()) -> list[dict]:
-    """Train and score every (p, steps) point under `out`; writes sweep.json, sweep.md and sweep.png,
-    which mark the default: configs/mini.yaml's p and steps (after the overrides) at the file's own
-    learning rate and schedule, so a sweep at another one (--set train.learning_rate=...) marks none."""
+    """Train and score every (p, steps) point under `out`; writes sweep.json, sweep.md and sweep.png, which
+    mark the default (default_point) where the grid holds it."""
     config = load_config(DEFAULT_CONFIG, [f"train.seed={VALIDATION_SEED}", "eval.after_training=false", *overrides])
     config = with_mini_data(config)
     _check_same_overrides(out, list(overrides))
-    as_shipped = load_config(DEFAULT_CONFIG).train
-    default = Point(config.data.identity_prob, config.train.steps, as_shipped.learning_rate, as_shipped.lr_schedule)
+    default = default_point(overrides)
     scores = []
     for identity_prob in identity_probs:
         for count in sorted(steps):
@@ -104,8 +116,9 @@ def sweep(out: Path, identity_probs: Sequence[float], steps: Sequence[int], num_
     return scores
 
 
-def _is_default(score: dict, default: Point) -> bool:
-    return (score["identity_prob"], score["steps"], score["learning_rate"], score["lr_schedule"]) == dataclasses.astuple(default)
+def _is_default(score: dict, default: Point | None) -> bool:
+    return default is not None and (score["identity_prob"], score["steps"], score["learning_rate"],
+                                    score["lr_schedule"]) == dataclasses.astuple(default)
 
 
 def _rate(score: dict) -> str:
@@ -122,7 +135,7 @@ def _check_same_overrides(out: Path, overrides: list[str]) -> None:
                         "its prefixes and scores would be reused as if they matched; choose another --out")
 
 
-def table(scores: list[dict], default: Point) -> str:
+def table(scores: list[dict], default: Point | None) -> str:
     lines = ["| p (identity share) | steps | learning rate | ID accuracy, training names | ID accuracy, held-out | scene accuracy (without: base) | face rate |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in scores:
@@ -133,7 +146,7 @@ def table(scores: list[dict], default: Point) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(scores: list[dict], default: Point, path: Path) -> None:
+def plot(scores: list[dict], default: Point | None, path: Path) -> None:
     """ID accuracy (training names) against scene accuracy, one point per run; colour = p, label = steps."""
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     probs = sorted({s["identity_prob"] for s in scores})
