@@ -468,7 +468,8 @@ def test_toy_sweep_resumes_reuses_and_plots(short_apl, tmp_path, monkeypatch):
     again = sweep_module.sweep(tmp_path, [0.5], [1, 2], num_images=1, overrides=overrides)
     assert again == scores
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # nothing retrained or rescored
-    with pytest.raises(UserError, match="made with --set .*train.steps=2.*choose another --out"):
+    other_rate = r"made with --set .*train.batch_size=8'\], not .*train.learning_rate=3e-3.*choose another --out"
+    with pytest.raises(UserError, match=other_rate):
         sweep_module.sweep(tmp_path, [0.5], [1], num_images=1, overrides=[*overrides, "train.learning_rate=3e-3"])
 
     # A decaying rate ends at the step count, so under cosine each count trains from the start. What is
