@@ -502,8 +502,8 @@ def test_the_default_is_the_shipped_recipe_wherever_its_data_lives():
         assert default_point([other]) is None, other
 
 
-def test_sweep_marks_the_default_at_the_files_learning_rate_and_schedule_only():
-    from apl_jax.mini.sweep import Point, table
+def test_sweep_marks_the_default_at_the_files_learning_rate_and_schedule_only(tmp_path):
+    from apl_jax.mini.sweep import Point, plot, table
 
     score = {"identity_prob": 0.5, "steps": 2, "id_accuracy_train": 0.5, "id_accuracy_heldout": 0.25,
              "base_id_accuracy_train": 1.0, "scene_accuracy": 0.9, "base_scene_accuracy": 0.95, "face_rate": 1.0}
@@ -512,3 +512,7 @@ def test_sweep_marks_the_default_at_the_files_learning_rate_and_schedule_only():
         [{**score, "learning_rate": 3e-3, "lr_schedule": "constant"}], default)
     assert "(default)" not in table([{**score, "learning_rate": 1e-3, "lr_schedule": "constant"}], default)
     assert "| 0.5 | 2 | 0.003 cosine | 0.500" in table([{**score, "learning_rate": 3e-3, "lr_schedule": "cosine"}], default)
+    # the star: the toy sweep trains at batch 8, so no end-to-end sweep draws it
+    plot([{**score, "learning_rate": 3e-3, "lr_schedule": "constant"}], default, tmp_path / "sweep.png")
+    with Image.open(tmp_path / "sweep.png") as drawn:
+        assert drawn.size[0] > 300

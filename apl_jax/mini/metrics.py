@@ -82,8 +82,8 @@ def scenes_by_word(pred: dict[str, np.ndarray], scenes: Sequence[world.Scene]) -
     """score_scenes per shape and per colour the prompts name ({"square": ..., "yellow": ...}): where a prefix
     loses scenes, when it loses some words and keeps the others."""
     right = scene_right(pred, scenes)
-    return {word: float(right[[word in (s.shape, s.colour) for s in scenes]].mean())
-            for word in (*world.SHAPES, *world.COLOURS) if any(word in (s.shape, s.colour) for s in scenes)}
+    named = {word: np.array([word in (s.shape, s.colour) for s in scenes]) for word in (*world.SHAPES, *world.COLOURS)}
+    return {word: float(right[mask].mean()) for word, mask in named.items() if mask.any()}
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

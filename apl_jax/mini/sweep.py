@@ -68,10 +68,9 @@ def default_point(overrides: Sequence[str]) -> Point | None:
     """configs/mini.yaml's point when the --set values keep its recipe (p and steps are swept, and the data may
     live elsewhere); None otherwise: under another rate, neutral prompt or batch no point is the default."""
     shipped, swept = load_config(DEFAULT_CONFIG), load_config(DEFAULT_CONFIG, list(overrides))
-    kept = {"data": {k: getattr(shipped.data, k) for k in (*DATA_LOCATION, "identity_prob")},
-            "train": {"steps": shipped.train.steps}}
-    swept = dataclasses.replace(swept, **{part: dataclasses.replace(getattr(swept, part), **values)
-                                          for part, values in kept.items()})
+    as_shipped = {k: getattr(shipped.data, k) for k in (*DATA_LOCATION, "identity_prob")}
+    swept = dataclasses.replace(swept, data=dataclasses.replace(swept.data, **as_shipped),
+                                train=dataclasses.replace(swept.train, steps=shipped.train.steps))
     if swept != shipped:
         return None
     return Point(shipped.data.identity_prob, shipped.train.steps, shipped.train.learning_rate, shipped.train.lr_schedule)
