@@ -1,7 +1,9 @@
 """Measure anonymization on APL-mini: the recognizer reads images drawn without and with a prefix.
 
 For every named person, N images of "A close-up portrait of NAME" and N of the
-identity-set templates (for apl-mini-db also for the two DreamBooth names); for scenes,
+identity-set templates (for apl-mini-db also for the two DreamBooth names), and for a prefix
+trained in attributes mode 2N of NAME's description alone (the neutral prompts that mode
+trains NAME toward, drawn without the prefix); for scenes,
 SCENE_PROMPTS prompts x N/4 images, also behind filler words (no prefix); every image drawn
 without and with the prefix on the same seeds. The metrics are in mini/metrics.py,
 the written report in mini/report.py.
@@ -9,12 +11,13 @@ the written report in mini/report.py.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from apl_jax.data.prompts import Templates
+from apl_jax.data.prompts import Templates, identity_pair
 from apl_jax.mini import captions, recognizer, world
 from apl_jax.mini.build import DREAMBOOTH
 from apl_jax.mini.metrics import (CONDITIONS, EVAL_SEED, frechet_distance, group_summary, reference_embeddings,
@@ -36,33 +39,51 @@ def scene_set(count: int, seed: int = EVAL_SEED) -> list[world.Scene]:
     return [world.random_scene(rng) for _ in range(count)]
 
 
-def score_names(sampler: Sampler, params, names, num_images: int, seed: int, templates: Templates,
-                draw_seed: int) -> tuple[dict, dict]:
-    """({name: {condition: score_identities(...)}}, {condition: images}) for identity_prompts of `names`."""
+def description_prompts(name: str, num_images: int, templates: Templates, draw_seed: int = EVAL_SEED) -> list[str]:
+    """2N attributes-mode neutral prompts of NAME, as training pairs them (data/prompts.identity_pair): its
+    manifest description inside the identity-set templates, and no name."""
+    rng = np.random.default_rng([draw_seed, 11, world.NAMES.index(name)])
+    description = world.cast()[name].partial_description()
+    return [identity_pair(name, "", rng, templates, "attributes", description)[1] for _ in range(2 * num_images)]
+
+
+def score_names(sampler: Sampler, params, names, prompts_of, seed: int,
+                conditions: tuple[str, ...] = CONDITIONS) -> tuple[dict, dict]:
+    """({name: {condition: score_identities(...)}}, {condition: images}) for the prompts_of(name) of `names`,
+    drawn with the prefix under the condition "prefix" and without it under any other."""
     references = reference_embeddings(params, names)
     identities, samples = {}, {}
-    prompts = [p for name in names for p in identity_prompts(name, num_images, templates, draw_seed)]
-    per_name = 2 * num_images
-    for condition in CONDITIONS:
+    per_name = [prompts_of(name) for name in names]
+    prompts = [p for group in per_name for p in group]
+    for condition in conditions:
         images = sampler(prompts, seed=seed, with_prefix=condition == "prefix", progress=True)
         pred = recognizer.classify(params, images)
-        for i, name in enumerate(names):
-            part = {k: v[i * per_name : (i + 1) * per_name] for k, v in pred.items()}
-            identities.setdefault(name, {})[condition] = score_identities(part, name, references[i])
+        start = 0
+        for name, reference, group in zip(names, references, per_name):
+            part = {k: v[start : start + len(group)] for k, v in pred.items()}
+            identities.setdefault(name, {})[condition] = score_identities(part, name, reference)
+            start += len(group)
         samples[condition] = images
     return identities, samples
 
 
 def evaluate(sampler: Sampler, params, num_images: int, seed: int = 0, templates: Templates | None = None,
-             draw_seed: int = EVAL_SEED, dreambooth: bool = False) -> dict:
+             draw_seed: int = EVAL_SEED, dreambooth: bool = False, descriptions: bool = False) -> dict:
     """Every metric of the module docstring, for the sampler's model and prefix.
 
     seed: the sampling noise; draw_seed: the template prompts, scenes and real scene renders;
-    dreambooth: also score the DreamBooth names (for apl-mini-db, the one model that knows them)."""
+    dreambooth: also score the DreamBooth names (for apl-mini-db, the one model that knows them);
+    descriptions: also score the names' descriptions alone (condition "description", for attributes mode)."""
     from apl_jax.generate_identities import DEFAULT_TEMPLATES
 
     templates = templates or Templates.load(DEFAULT_TEMPLATES)
-    identities, samples = score_names(sampler, params, world.NAMES, num_images, seed, templates, draw_seed)
+    draws = {"num_images": num_images, "templates": templates, "draw_seed": draw_seed}
+    identities, samples = score_names(sampler, params, world.NAMES, functools.partial(identity_prompts, **draws), seed)
+    if descriptions:
+        described, _ = score_names(sampler, params, world.NAMES, functools.partial(description_prompts, **draws), seed,
+                                   conditions=("description",))
+        for name, scores in described.items():
+            identities[name] |= scores
 
     scenes = scene_set(SCENE_PROMPTS, draw_seed)
     per_scene = max(1, num_images // 4)
@@ -91,12 +112,14 @@ def evaluate(sampler: Sampler, params, num_images: int, seed: int = 0, templates
     groups = {"train": world.TRAIN_NAMES, "heldout": world.HELDOUT_NAMES}
     report = {
         "num_images": num_images, "seed": seed,
-        "groups": {g: {c: group_summary(identities, names, c) for c in CONDITIONS} for g, names in groups.items()},
+        "groups": {g: {c: group_summary(identities, names, c) for c in identities[names[0]]}
+                   for g, names in groups.items()},
         "generic": generic,
         "identities": identities,
     }
     if dreambooth:
-        scores, _ = score_names(sampler, params, world.DREAMBOOTH_NAMES, num_images, seed, templates, draw_seed)
+        scores, _ = score_names(sampler, params, world.DREAMBOOTH_NAMES, functools.partial(identity_prompts, **draws),
+                                seed)
         report["dreambooth"] = {c: group_summary(scores, world.DREAMBOOTH_NAMES, c) for c in CONDITIONS}
         report["identities"] |= scores
     return report, samples
@@ -116,7 +139,8 @@ def run(model: str, prefix_path: str, out: Path, num_images: int, seed: int, sam
     sampler = Sampler(load_model(model), sampler_config, prefix.vectors, prefix.placeholder)
     params = recognizer.load() if recognizer_params is None else recognizer_params
     dreambooth = Path(str(model)).name == DREAMBOOTH
-    report, samples = evaluate(sampler, params, num_images, seed, draw_seed=draw_seed, dreambooth=dreambooth)
+    report, samples = evaluate(sampler, params, num_images, seed, draw_seed=draw_seed, dreambooth=dreambooth,
+                               descriptions=neutral_mode == "attributes")
     report["neutral_mode"] = neutral_mode
     report["targets"] = targets(report, neutral_mode)
     report["settings"] = {"model": model, "prefix": str(prefix_path),

@@ -60,6 +60,10 @@ def bar_chart(report: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+CONDITION_LABELS = {"plain": "without prefix", "prefix": "with prefix",
+                    "description": "description alone (no name, no prefix)"}
+
+
 def markdown(report: dict, settings: dict) -> str:
     g, gen = report["groups"], report["generic"]
     lines = [
@@ -74,11 +78,13 @@ def markdown(report: dict, settings: dict) -> str:
     if "dreambooth" in report:
         rows.append((report["dreambooth"], "DreamBooth (2; ID accuracy by traits)"))
     for summary, label in rows:
-        for condition in CONDITIONS:
-            r = summary[condition]
-            lines.append(f"| {label} | {'with' if condition == 'prefix' else 'without'} prefix | {r['accuracy']:.3f} | "
+        for condition, r in summary.items():
+            lines.append(f"| {label} | {CONDITION_LABELS[condition]} | {r['accuracy']:.3f} | "
                          f"{r['id_score_mean']:.3f} | {r['id_score_max']:.3f} | {r['face_rate']:.3f} | "
                          f"{r['trait_keep']:.3f} |")
+    if "description" in g["train"]:
+        lines += ["", "The description rows are the base model drawing each name's description alone, inside the "
+                      "identity-set templates: the neutral prompts attributes mode trains the name toward."]
     f = gen["frechet"]
     lines += [
         "", "Generic fidelity (scene prompts; shape and colour both right):", "",
@@ -101,7 +107,7 @@ def by_word_table(by_word: dict) -> list[str]:
     words = list(by_word["plain"])
     return ["Scene accuracy by the word the prompt names:", "",
             "| condition | " + " | ".join(words) + " |", "| --- |" + " --- |" * len(words),
-            *(f"| {'with' if c == 'prefix' else 'without'} prefix | " + " | ".join(f"{by_word[c][w]:.3f}" for w in words)
+            *(f"| {CONDITION_LABELS[c]} | " + " | ".join(f"{by_word[c][w]:.3f}" for w in words)
               + " |" for c in CONDITIONS)]
 
 
