@@ -384,6 +384,45 @@ def test_a_description_alone_draws_faces_but_not_its_person(shipped_recognizer):
     assert min(named[n]["plain"]["accuracy"] for n in names) >= 0.75, named
 
 
+def test_a_spliced_prefix_takes_its_own_states_from_one_prefix_and_the_words_from_the_other(tiny):
+    from apl_jax.mini.splice import SplicedPrefix
+    from apl_jax.prefix import encode_with_prefix, expand_placeholder, init_prefix
+
+    placeholder, k, text = 41128, 3, tiny.params["text_encoder"]  # "alz"
+    a, b = init_prefix(tiny, k, jax.random.key(0)), init_prefix(tiny, k, jax.random.key(1))
+    ids = jax.numpy.asarray(tokenize(tiny.tokenizer, ["alz a red square on a blue background"], k - 1))
+    fields = {f.name: getattr(tiny, f.name) for f in dataclasses.fields(tiny)}
+    spliced = SplicedPrefix(**fields, own=a, words=b)
+    got = np.asarray(spliced.encode_text(text, expand_placeholder(ids, placeholder, tiny.vocab_size, k), a))
+    with_a, with_b = (np.asarray(encode_with_prefix(tiny, text, p, ids, placeholder)) for p in (a, b))
+    np.testing.assert_allclose(got[:, 1 : 1 + k], with_a[:, 1 : 1 + k], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[:, 1 + k :], with_b[:, 1 + k :], rtol=1e-5, atol=1e-6)
+    assert np.abs(with_a[:, 1 + k :] - with_b[:, 1 + k :]).max() > 1e-3  # the words read differently behind a and b
+    np.testing.assert_array_equal(spliced.encode_text(text, ids), tiny.encode_text(text, ids))  # the unconditional prompt
+
+
+def test_splice_command_scores_every_row(tmp_path):
+    """With the untrained prefix as the 'trained' one, every prefixed row draws the same images."""
+    from apl_jax.export import save_diffusers_prefix
+    from apl_jax.mini.__main__ import main
+    from apl_jax.mini.splice import ROWS
+    from apl_jax.models import load_model
+    from apl_jax.prefix import init_prefix
+
+    prefix = save_diffusers_prefix(tmp_path / "untrained.safetensors",
+                                   np.asarray(init_prefix(load_model(BASE), 10, jax.random.key(0))), "alz")
+    assert main(["splice", "--prefix", str(prefix), "--num-images", "4", "--out", str(tmp_path / "out")]) == 0
+    rows = json.loads((tmp_path / "out" / "splice.json").read_text())["rows"]
+    assert list(rows) == list(ROWS)
+    prefixed = {label: rows[label] for label in ROWS if ROWS[label] is not None}
+    assert len({json.dumps(r, sort_keys=True) for r in prefixed.values()}) == 1, prefixed
+    assert rows["without prefix"]["accuracy"] >= 0.75 and set(rows["without prefix"]["by_word"]) >= {"square", "star"}
+    table = (tmp_path / "out" / "splice.md").read_text().splitlines()
+    assert len(table) == 2 + len(ROWS) and table[-1].startswith("| untrained own states, words read with the trained |")
+    with pytest.raises(UserError, match="--num-images must be at least 1"):
+        main(["splice", "--prefix", str(prefix), "--num-images", "0"])
+
+
 # ---------------------------------------------------------------- APL on apl-mini
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""APL-mini: python -m apl_jax.mini build | eval | sweep | data (see each command's --help)."""
+"""APL-mini: python -m apl_jax.mini build | eval | sweep | splice | data (see each command's --help)."""
 
 from __future__ import annotations
 
@@ -77,6 +77,17 @@ def _sweep(args) -> int:
     return 0
 
 
+def _splice(args) -> int:
+    from apl_jax.mini.splice import run
+
+    if args.num_images < 1:
+        raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+    out = preflight.folder(args.out or Path("runs") / "mini-splice" / f"{args.model}-{Path(args.prefix).stem}", "--out")
+    run(args.model, args.prefix, out, args.num_images, args.seed)
+    print((out / "splice.md").read_text() + f"wrote {out / 'splice.md'} and splice.json")
+    return 0
+
+
 def _data(args) -> int:
     from apl_jax.mini.data import prepare
 
@@ -120,13 +131,20 @@ def main(argv=None) -> int:
                             "a rerun reuses what is there")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a value of configs/mini.yaml for every point (repeatable)")
+    splice = commands.add_parser("splice", help="where a prefix changes scene prompts: its own hidden states, or the "
+                                 "caption words' reading (each swapped for an untrained prefix's)")
+    splice.add_argument("--prefix", required=True, help="a prefix file in any format we export, or a training workdir")
+    splice.add_argument("--model", default="apl-mini")
+    splice.add_argument("--num-images", type=int, default=32, help="as eval's: N/4 images per scene prompt (default 32)")
+    splice.add_argument("--seed", type=preflight.seed, default=0, help="the sampling noise (default 0)")
+    splice.add_argument("--out", type=Path, help="where splice.md and splice.json go (default runs/mini-splice/<model>-<prefix name>)")
     data = commands.add_parser("data", help="make the APL training data (identity set + generic renders)")
     data.add_argument("--model", default="apl-mini")
     data.add_argument("--seed", type=preflight.seed, default=0)
     data.add_argument("--out", type=Path, default=Path("~/.cache/apl_jax/datasets"))
     args = parser.parse_args(argv)
     enable_compilation_cache()
-    return {"build": _build, "eval": _eval, "sweep": _sweep, "data": _data}[args.command](args)
+    return {"build": _build, "eval": _eval, "sweep": _sweep, "splice": _splice, "data": _data}[args.command](args)
 
 
 if __name__ == "__main__":
