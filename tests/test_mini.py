@@ -365,6 +365,7 @@ def test_a_description_alone_draws_faces_but_not_its_person(shipped_recognizer):
     from apl_jax.data.prompts import Templates
     from apl_jax.generate_identities import DEFAULT_TEMPLATES
     from apl_jax.mini.evaluate import description_prompts, identity_prompts, score_names
+    from apl_jax.mini.metrics import reference_embeddings
     from apl_jax.models import load_model
     from apl_jax.sampling import Sampler, SamplerConfig
 
@@ -375,9 +376,10 @@ def test_a_description_alone_draws_faces_but_not_its_person(shipped_recognizer):
     assert all(names[0] not in p and description.split(",")[0] in p and p.endswith(description.split(", ")[1])
                for p in prompts)
     sampler = Sampler(load_model(BASE), SamplerConfig(batch_size=64))
-    described, _ = score_names(sampler, shipped_recognizer, names, lambda n: description_prompts(n, 4, templates), 0,
-                               conditions=("description",))
-    named, _ = score_names(sampler, shipped_recognizer, names, lambda n: identity_prompts(n, 4, templates), 0,
+    references = reference_embeddings(shipped_recognizer, names)
+    described, _ = score_names(sampler, shipped_recognizer, names, references,
+                               lambda n: description_prompts(n, 4, templates), 0, conditions=("description",))
+    named, _ = score_names(sampler, shipped_recognizer, names, references, lambda n: identity_prompts(n, 4, templates), 0,
                            conditions=("plain",))
     assert [described[n]["description"]["face_rate"] for n in names] == [1.0, 1.0]
     assert max(described[n]["description"]["accuracy"] for n in names) <= 0.25, described
@@ -391,8 +393,7 @@ def test_a_spliced_prefix_takes_its_own_states_from_one_prefix_and_the_words_fro
     placeholder, k, text = 41128, 3, tiny.params["text_encoder"]  # "alz"
     a, b = init_prefix(tiny, k, jax.random.key(0)), init_prefix(tiny, k, jax.random.key(1))
     ids = jax.numpy.asarray(tokenize(tiny.tokenizer, ["alz a red square on a blue background"], k - 1))
-    fields = {f.name: getattr(tiny, f.name) for f in dataclasses.fields(tiny)}
-    spliced = SplicedPrefix(**fields, own=a, words=b)
+    spliced = SplicedPrefix.around(tiny, a, b)
     got = np.asarray(spliced.encode_text(text, expand_placeholder(ids, placeholder, tiny.vocab_size, k), a))
     with_a, with_b = (np.asarray(encode_with_prefix(tiny, text, p, ids, placeholder)) for p in (a, b))
     np.testing.assert_allclose(got[:, 1 : 1 + k], with_a[:, 1 : 1 + k], rtol=1e-5, atol=1e-6)

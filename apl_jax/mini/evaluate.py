@@ -47,11 +47,11 @@ def description_prompts(name: str, num_images: int, templates: Templates, draw_s
     return [identity_pair(name, "", rng, templates, "attributes", description)[1] for _ in range(2 * num_images)]
 
 
-def score_names(sampler: Sampler, params, names, prompts_of, seed: int,
+def score_names(sampler: Sampler, params, names, references: np.ndarray, prompts_of, seed: int,
                 conditions: tuple[str, ...] = CONDITIONS) -> tuple[dict, dict]:
-    """({name: {condition: score_identities(...)}}, {condition: images}) for the prompts_of(name) of `names`,
-    drawn with the prefix under the condition "prefix" and without it under any other."""
-    references = reference_embeddings(params, names)
+    """({name: {condition: score_identities(...)}}, {condition: images}) for the prompts_of(name) of `names`
+    (references: their reference_embeddings), drawn with the prefix under the condition "prefix" and without
+    it under any other."""
     identities, samples = {}, {}
     per_name = [prompts_of(name) for name in names]
     prompts = [p for group in per_name for p in group]
@@ -78,10 +78,12 @@ def evaluate(sampler: Sampler, params, num_images: int, seed: int = 0, templates
 
     templates = templates or Templates.load(DEFAULT_TEMPLATES)
     draws = {"num_images": num_images, "templates": templates, "draw_seed": draw_seed}
-    identities, samples = score_names(sampler, params, world.NAMES, functools.partial(identity_prompts, **draws), seed)
+    references = reference_embeddings(params, world.NAMES)
+    identities, samples = score_names(sampler, params, world.NAMES, references,
+                                      functools.partial(identity_prompts, **draws), seed)
     if descriptions:
-        described, _ = score_names(sampler, params, world.NAMES, functools.partial(description_prompts, **draws), seed,
-                                   conditions=("description",))
+        described, _ = score_names(sampler, params, world.NAMES, references,
+                                   functools.partial(description_prompts, **draws), seed, conditions=("description",))
         for name, scores in described.items():
             identities[name] |= scores
 
@@ -118,8 +120,9 @@ def evaluate(sampler: Sampler, params, num_images: int, seed: int = 0, templates
         "identities": identities,
     }
     if dreambooth:
-        scores, _ = score_names(sampler, params, world.DREAMBOOTH_NAMES, functools.partial(identity_prompts, **draws),
-                                seed)
+        scores, _ = score_names(sampler, params, world.DREAMBOOTH_NAMES,
+                                reference_embeddings(params, world.DREAMBOOTH_NAMES),
+                                functools.partial(identity_prompts, **draws), seed)
         report["dreambooth"] = {c: group_summary(scores, world.DREAMBOOTH_NAMES, c) for c in CONDITIONS}
         report["identities"] |= scores
     return report, samples

@@ -40,6 +40,10 @@ class SplicedPrefix(FrozenSD):
     own: Any = None
     words: Any = None
 
+    @classmethod
+    def around(cls, model: FrozenSD, own, words) -> "SplicedPrefix":
+        return cls(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)}, own=own, words=words)
+
     def encode_text(self, text_params, ids: jax.Array, extra_embeddings: jax.Array | None = None) -> jax.Array:
         if extra_embeddings is None:  # the unconditional prompt
             return super().encode_text(text_params, ids)
@@ -48,20 +52,19 @@ class SplicedPrefix(FrozenSD):
         return jnp.where((ids >= self.vocab_size)[..., None], own, words)
 
 
-def splice(model: FrozenSD, trained, placeholder: str, num_images: int, seed: int, untrained_seed: int = 0,
-           sampler_config: SamplerConfig = SamplerConfig(batch_size=64), recognizer_params=None) -> dict:
+def splice(model: FrozenSD, trained, placeholder: str, num_images: int, seed: int,
+           sampler_config: SamplerConfig = SamplerConfig(batch_size=64)) -> dict:
     """{row label: {"accuracy": scene accuracy, "by_word": {word: accuracy}}} for every row of ROWS."""
     from apl_jax.prefix import init_prefix
 
     trained = jnp.asarray(trained, jnp.float32)
-    vectors = {"trained": trained, "untrained": init_prefix(model, trained.shape[0], jax.random.key(untrained_seed))}
+    vectors = {"trained": trained, "untrained": init_prefix(model, trained.shape[0], jax.random.key(0))}
     scenes = [s for s in scene_set(SCENE_PROMPTS, EVAL_SEED) for _ in range(max(1, num_images // 4))]
     prompts = [s.caption() for s in scenes]
-    params = recognizer.load() if recognizer_params is None else recognizer_params
-    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
+    params = recognizer.load()
     rows = {}
     for label, parts in ROWS.items():
-        spliced = model if parts is None else SplicedPrefix(**fields, own=vectors[parts[0]], words=vectors[parts[1]])
+        spliced = model if parts is None else SplicedPrefix.around(model, vectors[parts[0]], vectors[parts[1]])
         sampler = Sampler(spliced, sampler_config, trained, placeholder)
         pred = recognizer.classify(params, sampler(prompts, seed=seed, with_prefix=parts is not None, progress=True))
         rows[label] = {"accuracy": score_scenes(pred, scenes), "by_word": scenes_by_word(pred, scenes)}
