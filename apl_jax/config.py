@@ -51,6 +51,7 @@ class TrainConfig:
     # instead of ending on a full-size Adam step
     lr_schedule: str = "constant"
     negative_guidance: float = 1.0  # eta of the objective (docs/design.md)
+    caption_drift_weight: float = 0.0  # weight of the generic captions' text-encoder drift term (docs/design.md); 0: official
     grad_accum_steps: int = 1  # >1 wraps the optimizer in optax.MultiSteps
     # true: one UNet call on the doubled (neutral + private) batch; false: two calls, so the
     # backward pass covers only the private half, which measured faster on CPU and on an H200
@@ -135,6 +136,7 @@ RANGES = {
     "train.batch_size": _at_least(1),
     "train.learning_rate": _POSITIVE_FINITE,
     "train.negative_guidance": ((lambda v: 0 <= v < math.inf), ">= 0 and finite"),
+    "train.caption_drift_weight": ((lambda v: 0 <= v < math.inf), ">= 0 and finite"),
     "train.grad_accum_steps": _at_least(1),
     "train.seed": _between(0, MAX_SEED),
     "train.checkpoint_every": _at_least(1),

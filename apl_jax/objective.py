@@ -31,15 +31,38 @@ def sample_latents(model: FrozenSD, mean: jax.Array, std: jax.Array, noise: jax.
     return jnp.transpose(z0, (0, 3, 1, 2)) * model.latent_scaling
 
 
-def frozen_inputs(params: dict) -> dict:
-    """The model arrays apl_loss reads: all but the VAE's decoder half, which training never runs (SD 1.5's
-    is 198 MB in float32). A new top-level dict: the caller's stops holding the decoder once dropped."""
-    return {**params, "vae": {k: v for k, v in params["vae"].items() if k in ("encoder", "quant_conv")}}
+def frozen_inputs(params: dict, start_prefix=None) -> dict:
+    """The arrays apl_loss reads besides the prefix: the model's, all but the VAE's decoder half, which
+    training never runs (SD 1.5's is 198 MB in float32), and with a caption drift weight the prefix training
+    started from. A new top-level dict: the caller's stops holding the decoder once dropped."""
+    frozen = {**params, "vae": {k: v for k, v in params["vae"].items() if k in ("encoder", "quant_conv")}}
+    if start_prefix is not None:
+        frozen["start_prefix"] = start_prefix
+    return frozen
+
+
+def caption_drift(context, context_start, private_ids, neutral_ids, placeholder_id: int, num_vectors: int) -> jax.Array:
+    """[B]: for a generic example ("alz CAPTION" / "CAPTION"), the mean squared change of the caption's hidden
+    states behind the prefix (end-of-text and padding included: the UNet reads all 77) from their reading
+    behind the prefix training started from; 0 for an identity example, whose private prompt is not its
+    neutral one behind the placeholder.
+
+    Why the start and not the plain caption: any prefix, an untrained one too, changes how the words behind
+    it are read, and an untrained one changes no picture; what loses scenes is what training adds to that
+    reading (docs/design.md, "Caption drift")."""
+    length = neutral_ids.shape[1]
+    # Compared where both still hold the caption once the prefix has pushed K-1 tokens off the end, so a
+    # caption cut short behind the prefix counts as generic too.
+    generic = (private_ids[:, 1] == placeholder_id) & jnp.all(
+        private_ids[:, 2:length - num_vectors + 1] == neutral_ids[:, 1:length - num_vectors], axis=1)
+    drift = (context - context_start)[:, num_vectors + 1:]  # start of text, then the K prefix rows
+    return jnp.where(generic, jnp.mean(jnp.square(drift.astype(jnp.float32)), axis=(1, 2)), 0.0)
 
 
 def apl_loss(prefix, frozen, batch, keys, *, model: FrozenSD, placeholder_id: int, negative_guidance: float,
-             fused_passes: bool = False):
-    """mean((e_p - (e_n - eta * (sg(e_p) - e_n)))^2); only `prefix` gets gradients.
+             caption_drift_weight: float = 0.0, fused_passes: bool = False):
+    """mean((e_p - (e_n - eta * (sg(e_p) - e_n)))^2), plus caption_drift_weight x the batch's mean caption
+    drift when `frozen` holds a start_prefix (frozen_inputs); only `prefix` gets gradients.
 
     `model` supplies the modules only; every array comes in through `frozen`.
     fused_passes: one UNet call on the doubled batch (cheaper forward); False: two
@@ -76,4 +99,11 @@ def apl_loss(prefix, frozen, batch, keys, *, model: FrozenSD, placeholder_id: in
         e_private = model.predict_noise(frozen["unet"], z_t, t, context_private).astype(jnp.float32)
     e_neutral = jax.lax.stop_gradient(e_neutral)
     target = e_neutral - negative_guidance * (jax.lax.stop_gradient(e_private) - e_neutral)
-    return jnp.mean((e_private - target) ** 2)
+    loss = jnp.mean((e_private - target) ** 2)
+    if "start_prefix" in frozen:  # train.caption_drift_weight > 0
+        context_start = jax.lax.stop_gradient(encode_with_prefix(
+            model, frozen["text_encoder"], frozen["start_prefix"], batch["private_ids"], placeholder_id))
+        drift = caption_drift(context_private, context_start, batch["private_ids"], batch["neutral_ids"],
+                              placeholder_id, prefix.shape[0])
+        loss = loss + caption_drift_weight * jnp.mean(drift)
+    return loss

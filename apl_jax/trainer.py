@@ -168,6 +168,8 @@ def train(config: Config, workdir) -> TrainResult:
         host_input = make_input(config, model)
         optimizer = make_optimizer(config.train)
         state = initial_state(config, model, optimizer)
+        # the caption drift term's reference: the same on a resume, since the initialisation is seeded
+        start_prefix = state["params"] if config.train.caption_drift_weight else None
 
         # Every process saves and restores (orbax coordinates them), so all read the same state.
         checkpointer = stack.enter_context(
@@ -179,7 +181,7 @@ def train(config: Config, workdir) -> TrainResult:
             host_input.set_state(data_state)
         # Modules only from here on; the arrays reach the step as arguments. The host copy of the frozen
         # weights is freed array by array as it reaches the devices (two copies of SD would double the memory).
-        params, model = objective.frozen_inputs(model.params), dataclasses.replace(model, params=None)
+        params, model = objective.frozen_inputs(model.params, start_prefix), dataclasses.replace(model, params=None)
         frozen = parallel.replicate_consuming(params)
         return _train_from(config, workdir, model, frozen, placeholder_id, host_input, optimizer, state, checkpointer)
 
@@ -196,6 +198,7 @@ def _train_from(config, workdir, model, frozen, placeholder_id, host_input, opti
         model=model,
         placeholder_id=placeholder_id,
         negative_guidance=config.train.negative_guidance,
+        caption_drift_weight=config.train.caption_drift_weight,
         fused_passes=config.train.fused_unet_passes,
     )
     update_fn = parallel.make_update_fn(loss_fn, optimizer, config.train.nan_policy)

@@ -8,7 +8,7 @@ import pytest
 
 from apl_jax.data.prompts import Templates
 from apl_jax.data.synthetic import SyntheticExamples
-from apl_jax.objective import apl_loss, encode_posterior, frozen_inputs, sample_latents
+from apl_jax.objective import apl_loss, caption_drift, encode_posterior, frozen_inputs, sample_latents
 from apl_jax.prefix import encode_with_prefix, init_prefix
 from conftest import assert_close
 
@@ -32,8 +32,9 @@ def loss_fn(tiny):
     """loss_fn(prefix, frozen, batch, keys, eta): apl_loss on the tiny model, jitted once for the tests here, with
     eta traced: a compile of the tiny UNet's loss takes tens of seconds on 2 cores, one per eta would add minutes."""
 
-    def loss(prefix, frozen, batch, keys, eta):
-        return apl_loss(prefix, frozen, batch, keys, model=tiny, placeholder_id=PLACEHOLDER, negative_guidance=eta)
+    def loss(prefix, frozen, batch, keys, eta, drift_weight=0.0):
+        return apl_loss(prefix, frozen, batch, keys, model=tiny, placeholder_id=PLACEHOLDER, negative_guidance=eta,
+                        caption_drift_weight=drift_weight)
 
     return jax.jit(loss)
 
@@ -94,6 +95,46 @@ def test_negative_guidance_only_scales_the_gradient_so_adam_ignores_it(tiny, bat
     moved = trained(0.5) - prefix
     assert float(jnp.abs(moved).max()) > 1e-3  # three learning-rate-sized steps
     assert_close(trained(2.0) - prefix, moved, rel=1e-3)
+
+
+def test_caption_drift_compares_each_caption_token_with_its_start_reading():
+    """Behind a K-vector prefix the caption starts at position K + 1 (start of text, then the K rows)."""
+    k, length, width, p = 3, 12, 4, 99
+    eos = [2] * length
+    neutral = np.array([[1, 5, 6, *eos][:length],
+                        [1, 5, 6, *eos][:length],  # an identity example: another private prompt
+                        [1, *range(10, 20), 2]])  # a caption the prefix cuts short
+    private = np.array([[1, p, 5, 6, *eos][:length],
+                        [1, p, 7, 6, *eos][:length],
+                        [1, p, *range(10, 19), 2]])
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(3, length, width))
+    now = start + np.array([0.0, 5.0, 0.5])[:, None, None]  # each caption moved by this
+    now[:, 1:k + 1] = rng.normal(size=(3, k, width))  # the prefix rows' own states: not compared
+    args = (jnp.asarray(start), jnp.asarray(private), jnp.asarray(neutral), p, k)
+    assert_close(caption_drift(jnp.asarray(now), *args), np.array([0.0, 0.0, 0.25]))
+    now[0, k] += 1.0  # the last prefix row is not the caption
+    assert float(caption_drift(jnp.asarray(now), *args)[0]) == 0
+    now[0, k + 1] += 1.0  # its first word is
+    assert_close(caption_drift(jnp.asarray(now), *args)[0], np.float32(1.0 / (length - k - 1)))  # 1 in each of width dims
+    moved = private.copy()
+    moved[2, 1:3] = [10, p]  # the placeholder elsewhere: not a generic pair
+    assert float(caption_drift(jnp.asarray(now), jnp.asarray(start), jnp.asarray(moved), jnp.asarray(neutral), p, k)[2]) == 0
+
+
+def test_caption_drift_weight_adds_the_generic_examples_drift(tiny, batch, keys, loss_fn):
+    start, prefix = init_prefix(tiny, 10, jax.random.PRNGKey(0)), init_prefix(tiny, 10, jax.random.PRNGKey(1))
+    frozen = frozen_inputs(tiny.params, start_prefix=start)
+    text = tiny.params["text_encoder"]
+    drift = caption_drift(encode_with_prefix(tiny, text, prefix, batch["private_ids"], PLACEHOLDER),
+                          encode_with_prefix(tiny, text, start, batch["private_ids"], PLACEHOLDER),
+                          batch["private_ids"], batch["neutral_ids"], PLACEHOLDER, 10)
+    generic = np.all(np.asarray(batch["private_ids"])[:, 2:] == np.asarray(batch["neutral_ids"])[:, 1:-1], axis=1)
+    assert 1 <= generic.sum() < len(generic)  # the batch holds both kinds
+    assert np.array_equal(np.asarray(drift) > 0, generic)
+    without = loss_fn(prefix, frozen, batch, keys, 1.0, 0.0)
+    assert_close(without, loss_fn(prefix, tiny.params, batch, keys, 1.0))  # weight 0: the official loss
+    assert_close(loss_fn(prefix, frozen, batch, keys, 1.0, 2.0) - without, 2.0 * jnp.mean(drift), rel=1e-3)
 
 
 def test_latents_use_the_scaling_factor(tiny, batch):

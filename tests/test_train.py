@@ -106,6 +106,20 @@ def test_resume_is_bitwise(straight, tmp_path):
     assert [(e.step, e.session_log.status) for e in second if e.HasField("session_log")] == [(4, 1)]  # START
 
 
+def test_caption_drift_is_measured_from_the_initial_prefix_also_after_a_resume(straight, tmp_path):
+    drift = ("train.caption_drift_weight=10000",)
+    assert train(config("train.steps=3", *drift), tmp_path / "straight").step == 3
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    plain = [json.loads(l)["loss"] for l in (straight / "metrics.jsonl").read_text().splitlines()]
+    # step 1 trains the initial prefix: no drift yet, and none in the gradient (a square's is 0 at 0), so
+    # step 2 starts from the same prefix and its loss adds 10^4 x the drift the first update made
+    np.testing.assert_allclose(losses[0], plain[0], rtol=1e-5)
+    assert losses[1] > plain[1] * (1 + 1e-3)
+    train(config("train.steps=1", *drift), tmp_path / "resumed")
+    train(config("train.steps=3", *drift), tmp_path / "resumed")
+    np.testing.assert_array_equal(prefix_of(tmp_path / "resumed"), prefix_of(tmp_path / "straight"))
+
+
 def test_incompatible_checkpoint_is_an_error(straight, tmp_path):
     workdir = tmp_path / "w"
     shutil.copytree(straight, workdir)
