@@ -241,7 +241,7 @@ def test_cli_user_errors_are_one_line(tmp_path):
     done = run_train(tmp_path, "train.stepz=3")
     assert done.returncode == 2
     assert done.stderr.strip() == "error: unknown config key train.stepz; known keys here: " \
-        "steps, batch_size, learning_rate, lr_schedule, negative_guidance, grad_accum_steps, fused_unet_passes, cache_latents, seed, "\
+        "steps, batch_size, learning_rate, lr_schedule, negative_guidance, caption_drift_weight, grad_accum_steps, fused_unet_passes, cache_latents, seed, "\
         "checkpoint_every, keep_checkpoints, log_every, nan_policy"
     done = run_train(tmp_path, "model.path=/no/such/model")
     assert done.returncode == 2
