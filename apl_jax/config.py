@@ -128,6 +128,7 @@ def _between(low, high) -> tuple[Callable[[Any], bool], str]:
 
 
 _POSITIVE_FINITE = ((lambda v: 0 < v < math.inf), "> 0 and finite")
+_NON_NEGATIVE_FINITE = ((lambda v: 0 <= v < math.inf), ">= 0 and finite")
 
 # The allowed values of every numeric key (tests/test_config.py checks that none is missing).
 RANGES = {
@@ -135,8 +136,8 @@ RANGES = {
     "train.steps": _at_least(1),
     "train.batch_size": _at_least(1),
     "train.learning_rate": _POSITIVE_FINITE,
-    "train.negative_guidance": ((lambda v: 0 <= v < math.inf), ">= 0 and finite"),
-    "train.caption_drift_weight": ((lambda v: 0 <= v < math.inf), ">= 0 and finite"),
+    "train.negative_guidance": _NON_NEGATIVE_FINITE,
+    "train.caption_drift_weight": _NON_NEGATIVE_FINITE,
     "train.grad_accum_steps": _at_least(1),
     "train.seed": _between(0, MAX_SEED),
     "train.checkpoint_every": _at_least(1),

@@ -56,7 +56,7 @@ def caption_drift(context, context_start, private_ids, neutral_ids, placeholder_
     generic = (private_ids[:, 1] == placeholder_id) & jnp.all(
         private_ids[:, 2:length - num_vectors + 1] == neutral_ids[:, 1:length - num_vectors], axis=1)
     drift = (context - context_start)[:, num_vectors + 1:]  # start of text, then the K prefix rows
-    return jnp.where(generic, jnp.mean(jnp.square(drift.astype(jnp.float32)), axis=(1, 2)), 0.0)
+    return jnp.where(generic, jnp.mean(jnp.square(drift), axis=(1, 2)), 0.0)
 
 
 def apl_loss(prefix, frozen, batch, keys, *, model: FrozenSD, placeholder_id: int, negative_guidance: float,
