@@ -307,6 +307,27 @@ def test_scenes_by_word_counts_each_prompt_under_its_shape_and_its_colour():
     assert metrics.scenes_by_word(first_two, scenes[:2]) == {"square": 0.5, "red": 1.0, "yellow": 0.0}  # unnamed: no column
 
 
+def test_names_table_ranks_names_by_their_accuracy_with_the_prefix():
+    from apl_jax.mini.report import names_table
+
+    def scores(plain, prefix):
+        return {"plain": {"accuracy": plain}, "prefix": {"accuracy": prefix}}
+
+    # a training, a held-out and a DreamBooth name; the first two tie with the prefix: the cast's order stays
+    identities = {"Orla Venhart": scores(1.0, 0.25), "Greta Vollmer": scores(0.9, 0.25),
+                  "Solveig Marrow": scores(0.5, 0.5)}
+    assert names_table(identities)[2:] == [
+        "| name | names | without prefix | with prefix |", "| --- | --- | --- | --- |",
+        "| Solveig Marrow | DreamBooth | 0.500 | 0.500 |",
+        "| Orla Venhart | training | 1.000 | 0.250 |",
+        "| Greta Vollmer | held-out | 0.900 | 0.250 |"]
+    identities["Orla Venhart"]["description"] = {"accuracy": 0.125}  # attributes mode: a column more
+    assert names_table(identities)[2:4] == ["| name | names | without prefix | with prefix | description alone "
+                                            "(no name, no prefix) |", "| --- | --- | --- | --- | --- |"]
+    assert names_table(identities)[5:] == ["| Orla Venhart | training | 1.000 | 0.250 | 0.125 |",
+                                           "| Greta Vollmer | held-out | 0.900 | 0.250 |  |"]
+
+
 def test_frechet_distance():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(500, 4))

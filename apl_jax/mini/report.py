@@ -85,6 +85,7 @@ def markdown(report: dict, settings: dict) -> str:
     if "description" in g["train"]:
         lines += ["", "The description rows are the base model drawing each name's description alone, inside the "
                       "identity-set templates: the neutral prompts attributes mode trains the name toward."]
+    lines += ["", *names_table(report["identities"])]
     f = gen["frechet"]
     lines += [
         "", "Generic fidelity (scene prompts; shape and colour both right):", "",
@@ -100,6 +101,23 @@ def markdown(report: dict, settings: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def names_table(identities: dict) -> list[str]:
+    """ID accuracy of each name, the most recognized with the prefix first: a group's figure can hang on a
+    few people, which its mean does not show."""
+    def group(name):
+        return ("training" if name in world.TRAIN_NAMES else "held-out" if name in world.HELDOUT_NAMES
+                else "DreamBooth")
+
+    conditions = list(next(iter(identities.values())))
+    ranked = sorted(identities, key=lambda n: -identities[n]["prefix"]["accuracy"])  # stable: ties keep the cast's order
+    return ["ID accuracy per name, the most recognized with the prefix first:", "",
+            "| name | names | " + " | ".join(CONDITION_LABELS[c] for c in conditions) + " |",
+            "| --- | --- |" + " --- |" * len(conditions),
+            *(f"| {n} | {group(n)} | " + " | ".join(f"{identities[n][c]['accuracy']:.3f}" if c in identities[n] else ""
+                                                   for c in conditions) + " |"  # DreamBooth names have no description
+              for n in ranked)]
 
 
 def by_word_table(by_word: dict) -> list[str]:
