@@ -136,13 +136,13 @@ def tiny_config(*overrides):
 
 @pytest.fixture(scope="session")
 def gcs():
-    """A local Google Cloud Storage server with the bucket `bucket`; yields the environment that points
-    gcsfs/google-cloud-storage (STORAGE_EMULATOR_HOST) and orbax's tensorstore (TENSORSTORE_GCS_HTTP_URL,
-    with a fixed test token instead of credentials) at it."""
+    """A local Google Cloud Storage server (tests/gcs_emulator.py) with the bucket `bucket`; yields the
+    environment that points gcsfs/google-cloud-storage (STORAGE_EMULATOR_HOST) and orbax's tensorstore
+    (TENSORSTORE_GCS_HTTP_URL, with a fixed test token instead of credentials) at it."""
     pytest.importorskip("gcp_storage_emulator", reason="needs gcp-storage-emulator (requirements-test.txt)")
     pytest.importorskip("gcsfs", reason="needs gcsfs (requirements.txt)")
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "gcs_emulator.py"), "start", "--host", "127.0.0.1",
                                "--port", str(port), "--in-memory", "--default-bucket", "bucket"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60

@@ -66,6 +66,23 @@ def test_gs_workdir_stops_and_resumes_bitwise(gcs, gs_run, straight):
     assert any(name.startswith("events.out.tfevents") for name in list_gcs(gcs, run))
 
 
+def test_the_emulator_stamps_reads_so_a_conditional_write_after_one_works(gcs):
+    """OCDBT (orbax's format) reads its manifest back when its cache is stale and writes the next one on
+    condition of what it read; the plain emulator's reads had no generation, and those saves failed at random."""
+    code = """if True:
+        import tensorstore as ts
+        kv = ts.KvStore.open({"driver": "gcs", "bucket": "bucket", "path": "stamps/"}).result()
+        written = kv.write("manifest", b"first").result().generation
+        read = kv.read("manifest").result().stamp.generation
+        assert read == written, (read, written)
+        kv.write("manifest", b"second", if_equal=read).result()
+        print(kv.read("manifest").result().value.decode())"""
+    done = subprocess.run([sys.executable, "-c", code], env=train_env(extra_env=gcs), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "second"
+
+
 def test_missing_bucket_is_one_error_line(gcs):
     done = run_train("gs://no-such-bucket/run", "train.steps=1", extra_env=gcs)
     assert done.returncode == 2
