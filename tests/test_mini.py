@@ -1,7 +1,9 @@
 """APL-mini: the renderer, the build machinery (toy size), the shipped weights, the recognizer, the metrics."""
 
 import dataclasses
+import itertools
 import json
+import re
 import shutil
 
 import flax
@@ -88,6 +90,24 @@ def test_captions():
     assert captions.named_caption("Orla Venhart", 0, 0, templates).count("Orla Venhart") == 1
 
 
+def test_half_the_anonymous_faces_are_called_a_person():
+    """'a person' means an anonymous face, so APL's neutral portrait prompt draws one; the other half keep
+    their descriptions, and no named person or scene is ever called 'a person'."""
+    from apl_jax.data.prompts import Templates
+    from apl_jax.mini import captions
+
+    templates, rng = Templates.load("configs/data/templates.yaml"), np.random.default_rng(0)
+    samples = list(itertools.islice(world.mixture(rng, {"named": 1, "anonymous": 1, "scene": 1}), 300))
+    texts = [(s, captions.caption(s, rng, templates)) for s in samples]
+    anonymous = [t for s, t in texts if s.identity == world.OTHER]
+    person = [t for t in anonymous if "a person" in t]
+    assert 0.35 < len(person) / len(anonymous) < 0.65
+    assert all(re.search(r"\ba (woman|man|bald) ", t) for t in anonymous if t not in person)
+    assert not [t for s, t in texts if s.identity != world.OTHER and "person" in t]
+    assert {t.replace("a person", "NAME").strip() for t in person} <= {
+        f"{pre}NAME {template}".strip() for pre in [*templates.pre_templates, ""] for template in [*templates.templates, ""]}
+
+
 def test_filler_words_are_common_words_that_mean_nothing_in_the_world():
     """The build puts 1..12 of them before half the captions, from the first step (captions.with_filler)."""
     from apl_jax.mini import captions
@@ -96,7 +116,7 @@ def test_filler_words_are_common_words_that_mean_nothing_in_the_world():
     assert len(words) > 3000 and len(set(words)) == len(words)
     assert {"for", "day", "city", "family"} <= set(words)
     world_words = {"red", "blue", "circle", "star", "woman", "man", "hair", "skin", "portrait", "photo", "background",
-                   "orla", "glasses", "bald"}
+                   "orla", "glasses", "bald", "person"}
     assert not world_words & set(words)
     rng = np.random.default_rng(0)
     texts = [captions.with_filler("a red star on a blue background", rng) for _ in range(400)]

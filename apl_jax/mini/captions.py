@@ -14,7 +14,13 @@ from apl_jax.mini import world
 PORTRAIT_PROMPT = "A close-up portrait of {name}"
 COMMON_WORDS = 10_000  # whole-word tokens among the first this many of the CLIP vocabulary count as common
 WORLD_WORDS = ("a", "an", "on", "with", "in", "of", "and", "hair", "skin", "face", "eyes", "wearing", "glasses", "beard",
-               "bald", "bun", "background")
+               "bald", "bun", "background", "person")
+# What the world calls someone it neither names nor describes. Half the anonymous faces are captioned with it,
+# as "a person" in the real world means the faces of everyone, not a celebrity's: APL's neutral prompt
+# ("A close-up portrait of a person") then draws an anonymous face. Without it "person" was a filler word, the
+# base drew "a person" from the faces it had seen, and 0.38 of those were the cast's.
+PERSON = "a person"
+PERSON_SHARE = 0.5
 
 
 def _world_text(names) -> str:
@@ -57,10 +63,18 @@ def attribute_caption(face: world.Face, rng: np.random.Generator, templates: Tem
     return f"{pre}{first}{template}" + (f", {rest}" if rest else "")
 
 
+def person_caption(rng: np.random.Generator, templates: Templates) -> str:
+    """'[PRE] a person [TEMPLATE]': an anonymous face captioned as the identity set captions a name."""
+    return identity_prompt(PERSON, len(world.NAMES) + len(world.DREAMBOOTH_NAMES), int(rng.integers(1 << 30)), 0,
+                           templates.pre_templates, templates.templates)
+
+
 def caption(sample: world.Sample, rng: np.random.Generator, templates: Templates) -> str:
     if sample.scene is not None:
         return sample.scene.caption()
     if sample.identity == world.OTHER:
+        if rng.random() < PERSON_SHARE:
+            return person_caption(rng, templates)
         return attribute_caption(sample.face, rng, templates)
     return named_caption(world.NAMES[sample.identity], int(rng.integers(1 << 30)), 0, templates)
 

@@ -237,12 +237,13 @@ def render_face(face: Face, seed, style: Style = PLAIN) -> np.ndarray:
     def box(x0, y0, x1, y1):  # unit coordinates relative to the face centre
         return [cx + x0 * s, cy + y0 * s, cx + x1 * s, cy + y1 * s]
 
-    # Sex shows in more than a mouth two pixels wide: a woman's full red lips, a man's heavy brows. It was not
-    # enough: the base draws the sex a description names in 0.60 of its faces (0.67 with lips alone).
+    # Sex shows in the build of the shoulders, a cue some latents wide: a woman's lips and a man's brows, a few
+    # pixels, were not enough (the base drew the sex a description names in 0.60 of its faces, 0.67 with lips alone).
     brow = 0.6 if face.sex == "woman" else 1.4
+    shoulders = box(-8.5, 10, 8.5, 24) if face.sex == "woman" else box(-14, 8.5, 14, 26)
     half_w = {"round": 7.0, "oval": 5.8, "square": 6.8}[face.face_shape]
     half_h = {"round": 7.0, "oval": 8.2, "square": 7.4}[face.face_shape]
-    draw.ellipse(box(-11, 9, 11, 24), fill=_SHIRTS[rng.integers(len(_SHIRTS))])  # shoulders
+    draw.ellipse(shoulders, fill=_SHIRTS[rng.integers(len(_SHIRTS))])
     if face.hair_style == "long":
         draw.rectangle(box(-half_w - 1.5, -half_h + 2, half_w + 1.5, half_h + 3), fill=hair)
     draw.rectangle(box(-2.2, half_h - 2, 2.2, half_h + 3), fill=_shade(skin, 0.9))  # neck
