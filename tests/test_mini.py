@@ -190,15 +190,18 @@ def test_toy_build_rerun_keeps_finished_stages(toy_build):
 
 
 def test_toy_build_records_config_environment_and_world(toy_build, tmp_path):
-    from apl_jax.mini.build import BUILD_RECORD, BuildConfig, build, world_fingerprint
+    from apl_jax.mini.build import BUILD_RECORD, BuildConfig, build, stage_fingerprints, world_fingerprint
 
     out, work = toy_build
     record = json.loads((out / BUILD_RECORD).read_text())
     assert record["config"] == dataclasses.asdict(BuildConfig.toy())
     assert set(record["stage_minutes"]) == {"vae", "base", "ft", "db", "recognizer"}
     assert (record["environment"]["jax"], record["environment"]["devices"]) == (jax.__version__, jax.device_count())
-    assert record["world_fingerprint"] == world_fingerprint(BuildConfig.toy())
-    assert record["world_fingerprint"] != world_fingerprint(dataclasses.replace(BuildConfig.toy(), seed=1))
+    stages = stage_fingerprints(BuildConfig.toy())
+    assert record["stage_fingerprints"] == stages and record["world_fingerprint"] == world_fingerprint(stages)
+    assert stages["vae"] == stages["base"] and len(set(stages.values())) == 4
+    reseeded = stage_fingerprints(dataclasses.replace(BuildConfig.toy(), seed=1))
+    assert all(reseeded[stage] != stages[stage] for stage in stages)
     # Rebuilding one stage, with its own fields changed, keeps the others' minutes in the record ...
     copy = tmp_path / "out"
     shutil.copytree(out, copy, symlinks=True)
@@ -212,6 +215,33 @@ def test_toy_build_records_config_environment_and_world(toy_build, tmp_path):
     (copy / RECOGNIZER / MANIFEST).unlink()
     build(copy, work, dataclasses.replace(BuildConfig.toy(), recognizer_steps=2, sd_steps=5), stages=("recognizer",))
     assert set(json.loads((copy / BUILD_RECORD).read_text())["stage_minutes"]) == {"recognizer"}
+
+
+def test_a_new_dreambooth_cast_keeps_the_other_stages_records(toy_build, tmp_path, monkeypatch):
+    from apl_jax.mini.build import BUILD_RECORD, BuildConfig, build
+
+    out, work = toy_build
+    record = json.loads((out / BUILD_RECORD).read_text())
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, symlinks=True)
+    pair = world.dreambooth_cast()
+    swapped = dict(zip(pair, reversed(pair.values())))  # each name now drawn as the other person
+    monkeypatch.setattr(world, "dreambooth_cast", lambda: swapped)
+    (copy / DREAMBOOTH / MANIFEST).unlink()
+    build(copy, tmp_path / "work", BuildConfig.toy(), stages=("db",))
+    rebuilt = json.loads((copy / BUILD_RECORD).read_text())
+    assert rebuilt["stage_fingerprints"]["db"] != record["stage_fingerprints"]["db"]
+    assert rebuilt["world_fingerprint"] != record["world_fingerprint"]
+    assert {k: v for k, v in rebuilt["stage_fingerprints"].items() if k != "db"} == \
+        {k: v for k, v in record["stage_fingerprints"].items() if k != "db"}
+    assert {k: v for k, v in rebuilt["stage_minutes"].items() if k != "db"} == \
+        {k: v for k, v in record["stage_minutes"].items() if k != "db"}
+    # A stage whose own set changed since its minutes were recorded drops the record of every stage
+    rebuilt["stage_fingerprints"]["base"] = "another world"
+    (copy / BUILD_RECORD).write_text(json.dumps(rebuilt))
+    (copy / DREAMBOOTH / MANIFEST).unlink()
+    build(copy, tmp_path / "work", BuildConfig.toy(), stages=("db",))
+    assert set(json.loads((copy / BUILD_RECORD).read_text())["stage_minutes"]) == {"db"}
 
 
 def test_build_warns_when_its_environment_is_not_the_shipped_weights(tmp_path, monkeypatch, caplog):
@@ -264,13 +294,17 @@ def test_shipped_models_load_by_name_and_match_their_hashes():
 
 
 def test_shipped_weights_are_this_codes_build():
-    from apl_jax.mini.build import BUILD_RECORD, BuildConfig, world_fingerprint
+    from apl_jax.mini.build import BUILD_RECORD, BuildConfig, stage_fingerprints, world_fingerprint
     from apl_jax.models import SHIPPED_MODELS
 
     record = json.loads((SHIPPED_MODELS / BUILD_RECORD).read_text())
     assert BuildConfig(**record["config"]) == BuildConfig()
-    # A change to the world, the captions or the seeds needs the weights rebuilt: python -m apl_jax.mini build
-    assert record["world_fingerprint"] == world_fingerprint(BuildConfig())
+    # A change to the world, the captions or the seeds needs the stages it touches rebuilt:
+    # python -m apl_jax.mini build --stages ... (the stages named here)
+    stages = stage_fingerprints(BuildConfig())
+    assert [s for s in stages if record["stage_fingerprints"][s] != stages[s]] == []
+    assert record["world_fingerprint"] == world_fingerprint(stages)
+    assert set(record["stage_minutes"]) == set(stages)
 
 
 @pytest.fixture(scope="module")

@@ -319,33 +319,44 @@ def train_diffusion(model: FrozenSD, pool: Pool, config: BuildConfig, *, trainab
 BUILD_RECORD = "BUILD.json"
 
 
-def world_fingerprint(config: BuildConfig) -> str:
-    """sha256 of 64-image draws of every set the build trains on (base, shifted, DreamBooth shots and
-    prior, recognizer), rendered and captioned by this code: it changes with the world, the captions,
-    the filler words or the seeds. The draws are made apart from the build's own (cheap enough for a test)."""
+def stage_fingerprints(config: BuildConfig) -> dict[str, str]:
+    """Stage -> sha256 of a 64-image draw of the set it trains on (the VAE and the base: the base pool; the
+    fine-tune: the shifted pool; DreamBooth: its shots and prior; the recognizer: its render set), rendered
+    and captioned by this code: it changes with the world, the captions, the filler words or the seeds. Kept
+    per stage so that a change to one stage's set (the DreamBooth cast, say) leaves the others' records
+    standing. The draws are made apart from the build's own (cheap enough for a test)."""
     from apl_jax.generate_identities import DEFAULT_TEMPLATES
     from apl_jax.tokenizer import load_tokenizer
 
     tokenizer, templates = load_tokenizer(), Templates.load(DEFAULT_TEMPLATES)
     probe = dataclasses.replace(config, db_renders_per_name=2, db_prior_images=8)
-    parts = [render_pool(64, config.seed, world.PLAIN, tokenizer, templates, "fingerprint"),
-             render_pool(64, config.seed + 1, world.SHIFTED, tokenizer, templates, "fingerprint"),
-             dreambooth_pool(probe, tokenizer, templates)]
-    digest = hashlib.sha256()
-    for pool in parts:
-        digest.update(pool.images.tobytes())
-        digest.update(pool.caption_ids.astype(np.int32).tobytes())
+
+    def digest(*arrays: np.ndarray) -> str:
+        h = hashlib.sha256()
+        for a in arrays:
+            h.update(a.tobytes())
+        return h.hexdigest()
+
+    def pool_digest(pool: Pool) -> str:
+        return digest(pool.images, pool.caption_ids.astype(np.int32))
+
+    base = pool_digest(render_pool(64, config.seed, world.PLAIN, tokenizer, templates, "fingerprint"))
     images, targets = recognizer.render_set(64, config.seed)
-    digest.update(images.tobytes())
-    for head in sorted(targets):
-        digest.update(targets[head].tobytes())
-    return digest.hexdigest()
+    return {"vae": base, "base": base,
+            "ft": pool_digest(render_pool(64, config.seed + 1, world.SHIFTED, tokenizer, templates, "fingerprint")),
+            "db": pool_digest(dreambooth_pool(probe, tokenizer, templates)),
+            "recognizer": digest(images, *(targets[head] for head in sorted(targets)))}
 
 
-def write_build_record(out: Path, config: BuildConfig, fingerprint: str, stage_minutes: dict[str, float]) -> None:
-    """out/BUILD.json. A build that runs only some stages into a folder built with the same world, and the
-    same config but for the fields of the stages it reruns (those named after them: db_*, ft_*, ...), keeps
-    the other stages' minutes; otherwise the record starts anew."""
+def world_fingerprint(stages: dict[str, str]) -> str:
+    """One sha256 over every stage's fingerprint: the whole world the shipped weights were built from."""
+    return hashlib.sha256(json.dumps(stages, sort_keys=True).encode()).hexdigest()
+
+
+def write_build_record(out: Path, config: BuildConfig, stages: dict[str, str], stage_minutes: dict[str, float]) -> None:
+    """out/BUILD.json. A build that runs only some stages into a folder keeps the other stages' minutes where
+    their sets are unchanged (stage_fingerprints) and so is the config but for the fields of the stages it
+    reruns (those named after them: db_*, ft_*, ...); otherwise the record starts anew."""
     path = Path(out) / BUILD_RECORD
     old = json.loads(path.read_text()) if path.is_file() else {}
     rerun = tuple(f"{stage}_" for stage in stage_minutes)
@@ -353,10 +364,13 @@ def write_build_record(out: Path, config: BuildConfig, fingerprint: str, stage_m
     def kept(fields: dict) -> dict:  # the config the stages not rerun were built with
         return {k: v for k, v in fields.items() if not k.startswith(rerun)}
 
-    same = (old.get("world_fingerprint") == fingerprint
-            and kept(old.get("config", {})) == kept(dataclasses.asdict(config)))
+    old_stages = old.get("stage_fingerprints", {})
+    same = (kept(old.get("config", {})) == kept(dataclasses.asdict(config))
+            and all(old_stages.get(stage) == stages[stage] for stage in old.get("stage_minutes", {})
+                    if stage not in stage_minutes))
     record = {
-        "world_fingerprint": fingerprint,
+        "world_fingerprint": world_fingerprint(stages),
+        "stage_fingerprints": stages,
         "config": dataclasses.asdict(config),
         "stage_minutes": {**(old.get("stage_minutes", {}) if same else {}), **stage_minutes},
         "environment": build_environment(),
@@ -390,6 +404,8 @@ def save_fine_tuned(model: FrozenSD, base_dir: Path, ft_dir: Path, own: tuple[st
     """A full diffusers folder whose parts other than the UNet and `own` link to the base's (no second copy)."""
     from apl_jax.models import save_model
 
+    if ft_dir.exists():  # an unfinished stage's folder (no MANIFEST): saving through its links would write into the base
+        shutil.rmtree(ft_dir)
     save_model(model, ft_dir, dtype="float16")
     for name in (n for n in SHARED_WITH_BASE if n not in own):
         path = ft_dir / name
@@ -467,5 +483,5 @@ def build(out: Path, work: Path, config: BuildConfig, stages: tuple[str, ...] = 
             recognizer.save(params, recognizer_dir)
             write_manifest(recognizer_dir)
     if minutes:
-        write_build_record(out, config, world_fingerprint(config), minutes)
+        write_build_record(out, config, stage_fingerprints(config), minutes)
     log.info("build finished in %.1f min", (time.perf_counter() - started) / 60)
