@@ -120,9 +120,9 @@ def main(argv=None) -> int:
                                "(default empty)")
     sweep = commands.add_parser("sweep", help="train and score a grid of identity share x steps on a validation draw, and plot "
                                 "ID accuracy against scene accuracy")
-    sweep.add_argument("--identity-probs", default="0.75,0.85,0.9",
-                       help="shares of identity examples, data.identity_prob (default 0.75,0.85,0.9; configs/mini.yaml's "
-                            "0.85, the official 0.5)")
+    sweep.add_argument("--identity-probs", default="0.65,0.75,0.85",
+                       help="shares of identity examples, data.identity_prob (default 0.65,0.75,0.85; configs/mini.yaml's "
+                            "0.75, the official 0.5)")
     sweep.add_argument("--steps", default="4000", help="comma-separated training steps; longer runs resume shorter "
                        "ones (default 4000)")
     sweep.add_argument("--num-images", type=int, default=8, help="per name and prompt kind, per point (default 8)")
