@@ -344,11 +344,18 @@ def test_dreambooth_people_are_read_by_their_traits(shipped_recognizer):
     assert references.shape == (2, recognizer.EMBEDDING)
 
 
+def test_the_evaluation_scores_every_scene_once_in_its_draws_order():
+    scenes = scene_set(1)
+    assert len(scenes) == len(set(scenes)) == 4 * 6 * 5
+    assert set(scenes) == set(scene_set(2)) and scenes != scene_set(2)
+    assert all(s.colour != s.background for s in scenes)
+
+
 def test_scenes_are_no_faces_and_score_by_prompt(shipped_recognizer):
-    scenes = scene_set(16)
+    scenes = scene_set()
     images = np.stack([world.render_scene(s, [5, i]) for i, s in enumerate(scenes)])
     pred = recognizer.classify(shipped_recognizer, images)
-    assert metrics.score_scenes(pred, scenes) >= 0.9
+    assert metrics.score_scenes(pred, scenes) >= 0.95  # 0.985 of 1,000 fresh renders at the build
     assert metrics.score_scenes(pred, scenes[1:] + scenes[:1]) <= 0.2  # wrong prompts for the same images
     name = world.NAMES[0]
     as_faces = metrics.score_identities(pred, name, np.eye(recognizer.EMBEDDING)[0])

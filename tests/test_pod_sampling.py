@@ -179,7 +179,7 @@ MINI_WIDTH = 64  # apl-mini's text width (test_mini checks it)
 @pytest.fixture(scope="module")
 def mini_evaluations(tmp_path_factory):
     """mini eval of a random prefix, 1 image per name and prompt kind, 2 steps: 48 identity images per condition
-    (a padded batch of 64 that both processes draw) and 24 scene images."""
+    (a padded batch of 64 that both processes draw) and 120 scene images (every scene once)."""
     from apl_jax.export import save_diffusers_prefix
 
     root = tmp_path_factory.mktemp("pod-mini")

@@ -135,7 +135,7 @@ def main(argv=None) -> int:
                                  "caption words' reading (each swapped for an untrained prefix's)")
     splice.add_argument("--prefix", required=True, help="a prefix file in any format we export, or a training workdir")
     splice.add_argument("--model", default="apl-mini")
-    splice.add_argument("--num-images", type=int, default=32, help="as eval's: N/4 images per scene prompt (default 32)")
+    splice.add_argument("--num-images", type=int, default=32, help="as eval's: N/8 images per scene (default 32)")
     splice.add_argument("--seed", type=preflight.seed, default=0, help="the sampling noise (default 0)")
     splice.add_argument("--out", type=Path, help="where splice.md and splice.json go (default runs/mini-splice/<model>-<prefix name>)")
     data = commands.add_parser("data", help="make the APL training data (identity set + generic renders)")

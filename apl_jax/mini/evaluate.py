@@ -3,8 +3,8 @@
 For every named person, N images of "A close-up portrait of NAME" and N of the
 identity-set templates (for apl-mini-db also for the two DreamBooth names), and for a prefix
 trained in attributes mode 2N of NAME's description alone (the neutral prompts that mode
-trains NAME toward, drawn without the prefix); for scenes,
-SCENE_PROMPTS prompts x N/4 images, also behind filler words (no prefix); every image drawn
+trains NAME toward, drawn without the prefix); for scenes, every scene of the world
+(world.every_scene, 120) x N/8 images, also behind filler words (no prefix); every image drawn
 without and with the prefix on the same seeds. The metrics are in mini/metrics.py,
 the written report in mini/report.py.
 """
@@ -25,8 +25,6 @@ from apl_jax.mini.metrics import (CONDITIONS, EVAL_SEED, frechet_distance, group
 from apl_jax.mini.report import print_report, write_report
 from apl_jax.sampling import Sampler, SamplerConfig
 
-SCENE_PROMPTS = 24
-
 
 def identity_prompts(name: str, num_images: int, templates: Templates, draw_seed: int = EVAL_SEED) -> list[str]:
     """N portrait prompts, then N template prompts (as the identity set was generated, other draws)."""
@@ -34,9 +32,19 @@ def identity_prompts(name: str, num_images: int, templates: Templates, draw_seed
     return portrait + [captions.named_caption(name, k, draw_seed, templates) for k in range(num_images)]
 
 
-def scene_set(count: int, seed: int = EVAL_SEED) -> list[world.Scene]:
-    rng = np.random.default_rng([seed, 5])
-    return [world.random_scene(rng) for _ in range(count)]
+def scene_set(seed: int = EVAL_SEED) -> list[world.Scene]:
+    """Every scene of the world, in an order of the draw's (the grid shows the first few).
+
+    All of them, not a draw of some: which scenes a prefix loses varies from scene to scene, so a draw of 24
+    of the 120 put the with/without ratio anywhere within about ±0.07 (sd) of the whole space's
+    (docs/mini/rebuild.md, "The scene target on the whole scene space")."""
+    scenes = world.every_scene()
+    return [scenes[i] for i in np.random.default_rng([seed, 5]).permutation(len(scenes))]
+
+
+def images_per_scene(num_images: int) -> int:
+    """N/8 images per scene: 120 scenes x 4 at the default 32 images per name and prompt kind."""
+    return max(1, num_images // 8)
 
 
 def description_prompts(name: str, num_images: int, templates: Templates, draw_seed: int = EVAL_SEED) -> list[str]:
@@ -87,8 +95,8 @@ def evaluate(sampler: Sampler, params, num_images: int, seed: int = 0, templates
         for name, scores in described.items():
             identities[name] |= scores
 
-    scenes = scene_set(SCENE_PROMPTS, draw_seed)
-    per_scene = max(1, num_images // 4)
+    scenes = scene_set(draw_seed)
+    per_scene = images_per_scene(num_images)
     scene_prompts = [s.caption() for s in scenes for _ in range(per_scene)]
     expanded = [s for s in scenes for _ in range(per_scene)]
     real = np.stack([world.render_scene(s, [draw_seed, 7, i]) for i, s in enumerate(expanded)])

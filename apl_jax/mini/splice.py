@@ -3,7 +3,7 @@ at the prefix positions, or through the caption words' hidden states, which the 
 computes with the prefix before them.
 
 Each part in turn comes from an untrained prefix (uniform [0, 1), as training starts) and the other from the
-trained one; the scenes are drawn and scored as the evaluation draws and scores them (its scene prompts, N/4
+trained one; the scenes are drawn and scored as the evaluation draws and scores them (every scene, N/8
 images each, the same noise in every row).
 """
 
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from apl_jax.mini import recognizer, world
-from apl_jax.mini.evaluate import SCENE_PROMPTS, scene_set
+from apl_jax.mini.evaluate import images_per_scene, scene_set
 from apl_jax.mini.metrics import EVAL_SEED, scenes_by_word, score_scenes
 from apl_jax.models import FrozenSD
 from apl_jax.sampling import Sampler, SamplerConfig
@@ -59,7 +59,7 @@ def splice(model: FrozenSD, trained, placeholder: str, num_images: int, seed: in
 
     trained = jnp.asarray(trained, jnp.float32)
     vectors = {"trained": trained, "untrained": init_prefix(model, trained.shape[0], jax.random.key(0))}
-    scenes = [s for s in scene_set(SCENE_PROMPTS, EVAL_SEED) for _ in range(max(1, num_images // 4))]
+    scenes = [s for s in scene_set(EVAL_SEED) for _ in range(images_per_scene(num_images))]
     prompts = [s.caption() for s in scenes]
     params = recognizer.load()
     rows = {}

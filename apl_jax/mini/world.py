@@ -286,6 +286,12 @@ class Scene:
         return f"a {self.colour} {self.shape} on a {self.background} background"
 
 
+def every_scene() -> list[Scene]:
+    """The world's whole scene space: every shape, in every colour, on every other colour (4 x 6 x 5 = 120)."""
+    return [Scene(shape, colour, background) for shape in SHAPES for colour in COLOURS for background in COLOURS
+            if background != colour]
+
+
 def random_scene(rng: np.random.Generator) -> Scene:
     colours = list(COLOURS)
     colour, background = rng.choice(len(colours), 2, replace=False)
