@@ -16,7 +16,7 @@ from apl_jax.errors import UserError
 from apl_jax.manifest import MANIFEST, verify
 from apl_jax.mini import metrics, recognizer, world
 from apl_jax.mini.build import BASE, DREAMBOOTH, FINE_TUNED, RECOGNIZER, dreambooth_token_ids
-from apl_jax.mini.evaluate import scene_set
+from apl_jax.mini.evaluate import scene_images, scene_set
 from apl_jax.models import TOKEN_TABLE
 from apl_jax.tokenizer import tokenize
 
@@ -349,6 +349,7 @@ def test_the_evaluation_scores_every_scene_once_in_its_draws_order():
     assert len(scenes) == len(set(scenes)) == 4 * 6 * 5
     assert set(scenes) == set(scene_set(2)) and scenes != scene_set(2)
     assert all(s.colour != s.background for s in scenes)
+    assert scene_images(32, 1) == [s for s in scenes for _ in range(4)] and scene_images(1, 1) == scenes
 
 
 def test_scenes_are_no_faces_and_score_by_prompt(shipped_recognizer):

@@ -47,6 +47,11 @@ def images_per_scene(num_images: int) -> int:
     return max(1, num_images // 8)
 
 
+def scene_images(num_images: int, seed: int = EVAL_SEED) -> list[world.Scene]:
+    """The scene each scene image is prompted with: every scene of scene_set(seed), images_per_scene times in a row."""
+    return [s for s in scene_set(seed) for _ in range(images_per_scene(num_images))]
+
+
 def description_prompts(name: str, num_images: int, templates: Templates, draw_seed: int = EVAL_SEED) -> list[str]:
     """2N attributes-mode neutral prompts of NAME, as training pairs them (data/prompts.identity_pair): its
     manifest description inside the identity-set templates, and no name."""
@@ -95,10 +100,9 @@ def evaluate(sampler: Sampler, params, num_images: int, seed: int = 0, templates
         for name, scores in described.items():
             identities[name] |= scores
 
-    scenes = scene_set(draw_seed)
     per_scene = images_per_scene(num_images)
-    scene_prompts = [s.caption() for s in scenes for _ in range(per_scene)]
-    expanded = [s for s in scenes for _ in range(per_scene)]
+    expanded = scene_images(num_images, draw_seed)
+    scene_prompts = [s.caption() for s in expanded]
     real = np.stack([world.render_scene(s, [draw_seed, 7, i]) for i, s in enumerate(expanded)])
     features = {"real": recognizer.classify(params, real)["embedding"]}
     generic = {"real": score_scenes(recognizer.classify(params, real), expanded), "by_word": {}}

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from apl_jax.mini import recognizer, world
-from apl_jax.mini.evaluate import images_per_scene, scene_set
+from apl_jax.mini.evaluate import scene_images
 from apl_jax.mini.metrics import EVAL_SEED, scenes_by_word, score_scenes
 from apl_jax.models import FrozenSD
 from apl_jax.sampling import Sampler, SamplerConfig
@@ -59,7 +59,7 @@ def splice(model: FrozenSD, trained, placeholder: str, num_images: int, seed: in
 
     trained = jnp.asarray(trained, jnp.float32)
     vectors = {"trained": trained, "untrained": init_prefix(model, trained.shape[0], jax.random.key(0))}
-    scenes = [s for s in scene_set(EVAL_SEED) for _ in range(images_per_scene(num_images))]
+    scenes = scene_images(num_images, EVAL_SEED)
     prompts = [s.caption() for s in scenes]
     params = recognizer.load()
     rows = {}
