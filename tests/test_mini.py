@@ -505,7 +505,9 @@ def test_splice_command_scores_every_row(tmp_path):
     prefix = save_diffusers_prefix(tmp_path / "untrained.safetensors",
                                    np.asarray(init_prefix(load_model(BASE), 10, jax.random.key(0))), "alz")
     assert main(["splice", "--prefix", str(prefix), "--num-images", "4", "--out", str(tmp_path / "out")]) == 0
-    rows = json.loads((tmp_path / "out" / "splice.json").read_text())["rows"]
+    written = json.loads((tmp_path / "out" / "splice.json").read_text())
+    rows = written["rows"]
+    assert written["guidance"] == metrics.GUIDANCE == 4.0
     assert list(rows) == list(ROWS)
     prefixed = {label: rows[label] for label in ROWS if ROWS[label] is not None}
     assert len({json.dumps(r, sort_keys=True) for r in prefixed.values()}) == 1, prefixed
@@ -586,6 +588,16 @@ def test_short_apl_run_lowers_id_accuracy(short_apl, shipped_recognizer):
     assert plain >= 0.8 and anonymized <= plain - 0.25, (plain, anonymized)
 
 
+def test_mini_eval_samples_at_the_guidance_apl_mini_draws_best_unless_told(monkeypatch):
+    from apl_jax.mini import __main__ as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_eval", lambda args: seen.append(cli.sampler_settings(args)["guidance_scale"]) or 0)
+    assert cli.main(["eval", "--prefix", "p.safetensors"]) == 0
+    assert cli.main(["eval", "--prefix", "p.safetensors", "--guidance", "7"]) == 0
+    assert seen == [metrics.GUIDANCE, 7.0] and metrics.GUIDANCE == 4.0
+
+
 def test_train_py_defaults_to_apl_mini(tmp_path):
     from apl_jax.commands.train import DEFAULT_CONFIG
     from apl_jax.config import load_config
@@ -616,6 +628,8 @@ def test_toy_sweep_resumes_reuses_and_plots(short_apl, tmp_path, monkeypatch):
     workdir = tmp_path / "p-0.5"
     metrics = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert metrics == [1, 2]  # step 2 continued step 1's run rather than starting again
+    report = json.loads((workdir / "eval-1" / "report.json").read_text())
+    assert report["settings"]["sampler"] == "ddim 20 steps, CFG 4.0"  # the evaluation's guidance, metrics.GUIDANCE
     assert (workdir / "prefix-1.safetensors").read_bytes() != (workdir / "prefix-2.safetensors").read_bytes()
     with Image.open(tmp_path / "sweep.png") as plot:
         assert plot.size[0] > 300

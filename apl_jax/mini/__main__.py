@@ -97,6 +97,7 @@ def _data(args) -> int:
 
 
 def main(argv=None) -> int:
+    from apl_jax.mini.metrics import GUIDANCE
     from apl_jax.models import SHIPPED_MODELS
 
     parser = argparse.ArgumentParser(prog="python -m apl_jax.mini", description=__doc__.split(":")[0])
@@ -109,9 +110,10 @@ def main(argv=None) -> int:
     build.add_argument("--stages", help="comma-separated subset of vae,base,ft,db,recognizer (default all)")
     build.add_argument("--toy", action="store_true", help="a few steps of each stage (a smoke test)")
     build.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a BuildConfig field")
-    evaluate = commands.add_parser("eval", help="ID accuracy/score, face rate and generic fidelity of a prefix")
+    evaluate = commands.add_parser("eval", help="ID accuracy/score, face rate and generic fidelity of a prefix, "
+                                   f"sampled at CFG {GUIDANCE:g} unless --guidance says otherwise (where apl-mini draws best)")
     add_sampler_args(evaluate)
-    evaluate.set_defaults(model="apl-mini")
+    evaluate.set_defaults(model="apl-mini", guidance=GUIDANCE)
     evaluate.add_argument("--prefix", required=True, help="a prefix file in any format we export, or a training workdir")
     evaluate.add_argument("--num-images", type=int, default=32, help="per name and prompt kind (default 32)")
     evaluate.add_argument("--out", type=Path, help="report folder (default runs/mini-eval/<model>-<prefix name>)")

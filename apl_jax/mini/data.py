@@ -69,6 +69,7 @@ def prepare(root: Path, model_name: str, seed: int = 0, per_name: int = IDENTITI
     manifest = identities / "manifest.json"
     attributes = {n: world.cast()[n].partial_description() for n in world.TRAIN_NAMES}
     if not manifest.is_file():
+        # At the sampler's CFG 7.0, not the evaluation's metrics.GUIDANCE: every shipped prefix trained on this set.
         sampler = Sampler(load_model(model_name), SamplerConfig(batch_size=64))
         # No negative prompt: the official one is SD vocabulary this model never saw, so it would be noise.
         generate(sampler, list(world.TRAIN_NAMES), per_name, identities, seed, Path(DEFAULT_TEMPLATES),

@@ -20,10 +20,12 @@ import numpy as np
 from apl_jax.data.prompts import Templates, identity_pair
 from apl_jax.mini import captions, recognizer, world
 from apl_jax.mini.build import DREAMBOOTH
-from apl_jax.mini.metrics import (CONDITIONS, EVAL_SEED, frechet_distance, group_summary, reference_embeddings,
+from apl_jax.mini.metrics import (CONDITIONS, EVAL_SEED, GUIDANCE, frechet_distance, group_summary, reference_embeddings,
                                   scenes_by_word, score_identities, score_scenes, targets)
 from apl_jax.mini.report import print_report, write_report
 from apl_jax.sampling import Sampler, SamplerConfig
+
+EVAL_SAMPLER = SamplerConfig(batch_size=64, guidance_scale=GUIDANCE)  # DDIM 20 steps, 64 images per call
 
 
 def identity_prompts(name: str, num_images: int, templates: Templates, draw_seed: int = EVAL_SEED) -> list[str]:
@@ -169,6 +171,6 @@ def run(model: str, prefix_path: str, out: Path, num_images: int, seed: int, sam
 def evaluate_after_training(config, prefix_file: Path, out: Path) -> None:
     """What train.py runs on a finished APL-mini prefix: the evaluation, printed and written to out."""
     report = run(config.model.path, str(prefix_file), out, config.eval.num_images, config.train.seed,
-                 SamplerConfig(batch_size=64), config.data.neutral_mode)
+                 EVAL_SAMPLER, config.data.neutral_mode)
     if jax.process_index() == 0:
         print_report(report, out)

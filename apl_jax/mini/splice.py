@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from apl_jax.mini import recognizer, world
-from apl_jax.mini.evaluate import scene_images
+from apl_jax.mini.evaluate import EVAL_SAMPLER, scene_images
 from apl_jax.mini.metrics import EVAL_SEED, scenes_by_word, score_scenes
 from apl_jax.models import FrozenSD
 from apl_jax.sampling import Sampler, SamplerConfig
@@ -53,7 +53,7 @@ class SplicedPrefix(FrozenSD):
 
 
 def splice(model: FrozenSD, trained, placeholder: str, num_images: int, seed: int,
-           sampler_config: SamplerConfig = SamplerConfig(batch_size=64)) -> dict:
+           sampler_config: SamplerConfig = EVAL_SAMPLER) -> dict:
     """{row label: {"accuracy": scene accuracy, "by_word": {word: accuracy}}} for every row of ROWS."""
     from apl_jax.prefix import init_prefix
 
@@ -88,6 +88,7 @@ def run(model_name: str, prefix_path: str, out: Path, num_images: int, seed: int
     rows = splice(load_model(model_name), prefix.vectors, prefix.placeholder, num_images, seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "splice.json").write_text(json.dumps({"model": model_name, "prefix": str(prefix_path), "seed": seed,
-                                                 "num_images": num_images, "rows": rows}, indent=1))
+                                                 "num_images": num_images, "guidance": EVAL_SAMPLER.guidance_scale,
+                                                 "rows": rows}, indent=1))
     (out / "splice.md").write_text(markdown(rows))
     return rows

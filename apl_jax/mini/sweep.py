@@ -29,8 +29,7 @@ import matplotlib
 from apl_jax.config import PROJECT_DIR, Config, load_config
 from apl_jax.errors import UserError
 from apl_jax.mini.data import with_mini_data
-from apl_jax.mini.evaluate import run
-from apl_jax.sampling import SamplerConfig
+from apl_jax.mini.evaluate import EVAL_SAMPLER, run
 from apl_jax.trainer import train
 
 matplotlib.use("Agg")
@@ -107,7 +106,7 @@ def sweep(out: Path, identity_probs: Sequence[float], steps: Sequence[int], num_
             if not scored.is_file():
                 prefix = _train_to(config, point, out / point.name)
                 run(config.model.path, str(prefix), scored.parent, num_images, VALIDATION_SEED,
-                    SamplerConfig(batch_size=64), config.data.neutral_mode, draw_seed=VALIDATION_DRAW)
+                    EVAL_SAMPLER, config.data.neutral_mode, draw_seed=VALIDATION_DRAW)
             scores.append(point_score(json.loads(scored.read_text()), point))
     (out / "sweep.json").write_text(json.dumps(scores, indent=1))
     (out / "sweep.md").write_text(table(scores, default))
