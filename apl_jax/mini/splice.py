@@ -19,9 +19,9 @@ import jax.numpy as jnp
 
 from apl_jax.mini import recognizer, world
 from apl_jax.mini.evaluate import EVAL_SAMPLER, scene_images
-from apl_jax.mini.metrics import EVAL_SEED, scenes_by_word, score_scenes
+from apl_jax.mini.metrics import scenes_by_word, score_scenes
 from apl_jax.models import FrozenSD
-from apl_jax.sampling import Sampler, SamplerConfig
+from apl_jax.sampling import Sampler
 
 # row label -> (whose own hidden states, whose reading of the words); None: no prefix at all
 ROWS = {
@@ -52,20 +52,20 @@ class SplicedPrefix(FrozenSD):
         return jnp.where((ids >= self.vocab_size)[..., None], own, words)
 
 
-def splice(model: FrozenSD, trained, placeholder: str, num_images: int, seed: int,
-           sampler_config: SamplerConfig = EVAL_SAMPLER) -> dict:
-    """{row label: {"accuracy": scene accuracy, "by_word": {word: accuracy}}} for every row of ROWS."""
+def splice(model: FrozenSD, trained, placeholder: str, num_images: int, seed: int) -> dict:
+    """{row label: {"accuracy": scene accuracy, "by_word": {word: accuracy}}} for every row of ROWS, drawn as the
+    evaluation draws its scene images (EVAL_SAMPLER)."""
     from apl_jax.prefix import init_prefix
 
     trained = jnp.asarray(trained, jnp.float32)
     vectors = {"trained": trained, "untrained": init_prefix(model, trained.shape[0], jax.random.key(0))}
-    scenes = scene_images(num_images, EVAL_SEED)
+    scenes = scene_images(num_images)
     prompts = [s.caption() for s in scenes]
     params = recognizer.load()
     rows = {}
     for label, parts in ROWS.items():
         spliced = model if parts is None else SplicedPrefix.around(model, vectors[parts[0]], vectors[parts[1]])
-        sampler = Sampler(spliced, sampler_config, trained, placeholder)
+        sampler = Sampler(spliced, EVAL_SAMPLER, trained, placeholder)
         pred = recognizer.classify(params, sampler(prompts, seed=seed, with_prefix=parts is not None, progress=True))
         rows[label] = {"accuracy": score_scenes(pred, scenes), "by_word": scenes_by_word(pred, scenes)}
     return rows
